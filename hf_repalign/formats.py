@@ -1,0 +1,226 @@
+"""Preference data in TRL's shapes, reduced to ``(prompt, chosen, rejected)``, and (prompt, response) rendering.
+
+Accepted rows (see TRL's dataset formats):
+
+* explicit prompt: ``{"prompt", "chosen", "rejected"}`` -- strings, or conversational message lists;
+* implicit prompt: ``{"chosen", "rejected"}`` holding whole dialogues that share everything up to the last
+  assistant turn (HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` strings, or message lists).
+
+Example:
+    >>> from hf_repalign.formats import to_triplet
+    >>> to_triplet({"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."})
+    PreferenceTriplet(prompt='\\n\\nHuman: Hi\\n\\nAssistant:', chosen=' Hello!', rejected=' Go away.')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+Messages = list[dict[str, str]]
+Prompt = Union[str, Messages]
+Template = Union[str, Callable[[Prompt, str], str], None]
+
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+class PreferenceFormatError(ValueError):
+    """A preference row is malformed; the message names the row and the field."""
+
+
+@dataclass(frozen=True)
+class PreferenceTriplet:
+    prompt: Prompt
+    chosen: str
+    rejected: str
+
+
+def _where(row: int | None, field: str) -> str:
+    return f"row {row}, field `{field}`" if row is not None else f"field `{field}`"
+
+
+def _check_text(value: Any, row: int | None, field: str) -> str:
+    if value is None:
+        raise PreferenceFormatError(f"{_where(row, field)}: value is None; expected a non-empty string.")
+    if not isinstance(value, str):
+        raise PreferenceFormatError(
+            f"{_where(row, field)}: expected a string, got {type(value).__name__} ({value!r:.60})."
+        )
+    if not value.strip():
+        raise PreferenceFormatError(f"{_where(row, field)}: the text is empty.")
+    return value
+
+
+def _check_messages(value: Any, row: int | None, field: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise PreferenceFormatError(f"{_where(row, field)}: expected a non-empty list of messages.")
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise PreferenceFormatError(
+                f"{_where(row, field)}: message {i} must be a dict with `role` and `content`, got {message!r:.80}."
+            )
+        if not isinstance(message["content"], str):
+            raise PreferenceFormatError(
+                f"{_where(row, field)}: message {i} content must be a string, got "
+                f"{type(message['content']).__name__}."
+            )
+    return [dict(m) for m in value]
+
+
+def _is_conversational(value: Any) -> bool:
+    return isinstance(value, list) and (not value or isinstance(value[0], Mapping))
+
+
+def _last_assistant(messages: Messages, row: int | None, field: str) -> str:
+    if messages[-1].get("role") != "assistant":
+        raise PreferenceFormatError(f"{_where(row, field)}: the last message must be the assistant's response.")
+    return _check_text(messages[-1]["content"], row, f"{field}[-1].content")
+
+
+def split_implicit(chosen: Any, rejected: Any, row: int | None = None) -> PreferenceTriplet:
+    """Split two whole dialogues that share their prompt into ``(prompt, chosen, rejected)``.
+
+    Strings are cut at the last ``"\\n\\nAssistant:"`` of their common prefix (HH-RLHF); message lists at the
+    last message.
+    """
+    if _is_conversational(chosen) or _is_conversational(rejected):
+        chosen_m = _check_messages(chosen, row, "chosen")
+        rejected_m = _check_messages(rejected, row, "rejected")
+        if chosen_m[:-1] != rejected_m[:-1] or len(chosen_m) < 2:
+            raise PreferenceFormatError(
+                f"row {row}: `chosen` and `rejected` share no prompt (implicit-prompt conversations must be "
+                "identical up to the last assistant message)."
+            )
+        return PreferenceTriplet(
+            chosen_m[:-1], _last_assistant(chosen_m, row, "chosen"), _last_assistant(rejected_m, row, "rejected")
+        )
+    chosen_s = _check_text(chosen, row, "chosen")
+    rejected_s = _check_text(rejected, row, "rejected")
+    common = 0
+    for a, b in zip(chosen_s, rejected_s):
+        if a != b:
+            break
+        common += 1
+    cut = chosen_s.rfind(HH_ASSISTANT, 0, common - len(HH_ASSISTANT) + 1) if common >= len(HH_ASSISTANT) else -1
+    if cut < 0:
+        raise PreferenceFormatError(
+            f"row {row}: `chosen` and `rejected` share no prompt (expected a common dialogue ending in "
+            f"{HH_ASSISTANT!r}); pass an explicit `prompt` column instead."
+        )
+    cut += len(HH_ASSISTANT)
+    prompt = chosen_s[:cut]
+    chosen_r, rejected_r = chosen_s[cut:], rejected_s[cut:]
+    _check_text(chosen_r, row, "chosen (response after the shared prompt)")
+    _check_text(rejected_r, row, "rejected (response after the shared prompt)")
+    return PreferenceTriplet(prompt, chosen_r, rejected_r)
+
+
+def to_triplet(example: Mapping[str, Any], row: int | None = None) -> PreferenceTriplet:
+    """One preference row (explicit or implicit prompt, plain or conversational) as a triplet."""
+    missing = [k for k in ("chosen", "rejected") if k not in example]
+    if missing:
+        raise PreferenceFormatError(
+            f"{'row ' + str(row) + ': ' if row is not None else ''}missing column(s) {missing}; a preference row "
+            f"needs `chosen` and `rejected` (and optionally `prompt`), got {sorted(example)}."
+        )
+    if "prompt" not in example or example["prompt"] is None and _is_conversational(example["chosen"]):
+        return split_implicit(example["chosen"], example["rejected"], row)
+    prompt = example["prompt"]
+    if _is_conversational(prompt):
+        prompt = _check_messages(prompt, row, "prompt")
+    else:
+        prompt = _check_text(prompt, row, "prompt")
+    responses = []
+    for field in ("chosen", "rejected"):
+        value = example[field]
+        if _is_conversational(value):
+            value = _last_assistant(_check_messages(value, row, field), row, field)
+        responses.append(_check_text(value, row, field))
+    return PreferenceTriplet(prompt, *responses)
+
+
+def hh_to_messages(dialogue: str) -> Messages:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[{"role": "user", ...}, {"role": "assistant", ...}]``.
+
+    A trailing empty ``Assistant:`` turn (an HH-RLHF prompt) is dropped.
+    """
+    parts = _HH_TURN.split(dialogue)
+    if len(parts) < 3:
+        return [{"role": "user", "content": dialogue.strip()}]
+    messages = []
+    for speaker, text in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": text.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def prompt_messages(prompt: Prompt) -> Messages:
+    """A prompt as chat messages: HH dialogues are parsed into turns, other strings become one user turn."""
+    if isinstance(prompt, list):
+        return prompt
+    if _HH_TURN.search(prompt):
+        return hh_to_messages(prompt)
+    return [{"role": "user", "content": prompt}]
+
+
+def render(tokenizer: Any, prompt: Prompt, response: str, template: Template = None) -> str:
+    """Text of a (prompt, response) pair.
+
+    ``template`` may be a callable ``(prompt, response) -> str``, a format string with ``{prompt}`` and
+    ``{response}``, or ``None``: the tokenizer's chat template (user turn(s) plus an assistant turn) when it has
+    one, else plain concatenation.
+    """
+    if callable(template):
+        return template(prompt, response)
+    if isinstance(template, str):
+        if isinstance(prompt, list):
+            raise PreferenceFormatError("a format-string template needs string prompts, got a message list.")
+        return template.format(prompt=prompt, response=response)
+    if getattr(tokenizer, "chat_template", None):
+        messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if isinstance(prompt, list):
+        prompt = "".join(f"{m['content']}\n" for m in prompt)
+    return prompt + response
+
+
+def render_split(tokenizer: Any, prompt: Prompt, response: str, template: Template = None) -> tuple[str, str]:
+    """``render`` cut into (prompt part, response part), so their tokens can be told apart.
+
+    The cut is where two renders with different placeholder responses first differ, which works for chat
+    templates, format strings and callables alike.
+    """
+    a = render(tokenizer, prompt, "\ue000", template)
+    b = render(tokenizer, prompt, "\ue001", template)
+    cut = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        cut += 1
+    full = render(tokenizer, prompt, response, template)
+    if not full.startswith(a[:cut]):
+        raise PreferenceFormatError("the template does not keep the prompt as a prefix of the rendered text.")
+    return full[:cut], full[cut:]
+
+
+def encode_pair(
+    tokenizer: Any, prompt: Prompt, response: str, template: Template = None
+) -> tuple[list[int], int]:
+    """Token ids of a rendered (prompt, response) pair and the number of prompt tokens.
+
+    Prompt and response parts are tokenized separately so that the boundary is exact.
+    """
+    prompt_text, response_text = render_split(tokenizer, prompt, response, template)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids) + list(response_ids), len(prompt_ids)
+
+
+def triplets(rows: Sequence[Mapping[str, Any]]) -> list[PreferenceTriplet]:
+    """``to_triplet`` over rows, with row numbers in every error."""
+    return [to_triplet(example, i) for i, example in enumerate(rows)]

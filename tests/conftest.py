@@ -1,0 +1,57 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer():
+    """The same byte-level tokenizer without a chat template."""
+    return tiny_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def model(request, tokenizer):
+    """A tiny random decoder of each family (Llama and Qwen2)."""
+    return tiny_model(request.param, vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return tiny_model("llama", vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    return tiny_model("gpt2", vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (converted once into the HF cache)."""
+    from hf_repalign.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
