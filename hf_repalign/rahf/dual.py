@@ -128,5 +128,7 @@ def train_dual(
                 _save_adapter(peft_model, name, folders[name])
         else:
             trainer.save_model(str(folders[name]))
+        if trainer.args.should_save:
+            trainer.state.save_to_json(str(folders[name] / "trainer_state.json"))  # the loss history
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
     return folders

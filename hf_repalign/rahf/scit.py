@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging
@@ -134,9 +133,16 @@ def build_scit_examples(
     return out
 
 
-def prepare_preference_dataset(dataset: Any, function, columns: list[str], **fn_kwargs) -> Dataset:
-    """Map a preference dataset (``Dataset`` or list of rows) with ``function`` unless already tokenized."""
+def prepare_preference_dataset(dataset: Any, function, columns: list[str], **fn_kwargs) -> Any:
+    """Map a preference dataset (``Dataset`` or list of rows) with ``function`` unless already tokenized.
+
+    A list of already tokenized rows is returned as is (no ``datasets`` needed).
+    """
     if isinstance(dataset, list):
+        if dataset and all(name in dataset[0] for name in columns):
+            return dataset
+        from datasets import Dataset
+
         dataset = Dataset.from_list(dataset)
     if all(name in dataset.column_names for name in columns):
         return dataset

@@ -380,10 +380,10 @@ class RAHFTrainer(Trainer):
         """Compute the difference vectors of every training example once and write them to ``directory``."""
         if self.positive is None:
             raise ValueError("precompute_targets needs the instructed model(s).")
-        loader = torch.utils.data.DataLoader(
-            self.train_dataset.select_columns(RAHF_COLUMNS), batch_size=batch_size or self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator, shuffle=False,
-        )
+        data = self.train_dataset
+        data = data.select_columns(RAHF_COLUMNS) if hasattr(data, "select_columns") else data
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size or self.args.per_device_train_batch_size,
+                                             collate_fn=self.data_collator, shuffle=False)
 
         def items():
             for batch in loader:
