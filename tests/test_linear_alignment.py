@@ -329,3 +329,15 @@ def test_paired_generate_runs_one_forward_of_2b_rows_per_step(llama, tokenizer):
             assert calls == expected, path
     finally:
         handle.remove()
+
+
+def test_cli_generate_prints_three_answers_side_by_side(llama, tokenizer, tmp_path, capsys):
+    from hf_repalign.cli import main
+
+    llama.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["generate", "How are you?", "--model", str(tmp_path), "--alpha", "2", "--max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("plain"))
+    assert "principle prompt" in header and "linear alignment (alpha=2)" in header
+    assert "Q: How are you?" in out
