@@ -165,3 +165,20 @@ def test_collator_labels_only_response_tokens():
                        "opposite_prompt_length": 1}])
     assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 7, 8, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_truncation_keeps_the_response_identical_under_both_instructions(tmp_path, tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    rows = [{"prompt": "Tell me a story about a dragon. " * 3, "chosen": "Once upon a time " * 4, "rejected": "No."}]
+    trainer = SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=80), train_dataset=rows,
+                          processing_class=tokenizer)
+    for feature in trainer.train_dataset:
+        own = feature["input_ids"][feature["prompt_length"]:]
+        opposite = feature["opposite_input_ids"][feature["opposite_prompt_length"]:]
+        assert own == opposite and len(own) >= 1
+        assert feature["prompt_length"] <= 60 and feature["opposite_prompt_length"] <= 60
+        assert max(len(feature["input_ids"]), len(feature["opposite_input_ids"])) <= 80
+    assert len(trainer.train_dataset[0]["input_ids"][trainer.train_dataset[0]["prompt_length"]:]) == 20
+    with pytest.raises(ValueError, match="leaves no room"):
+        SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=50), train_dataset=rows,
+                    processing_class=tokenizer)

@@ -83,21 +83,24 @@ class SCITConfig(TrainingArguments):
             raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}.")
 
 
-def truncate_pair(
-    ids: list[int], n_prompt: int, max_prompt_length: int | None, max_length: int | None
-) -> tuple[list[int], int, bool]:
-    """Keep the last ``max_prompt_length`` prompt tokens and cut the response to fit ``max_length``."""
-    prompt, response = ids[:n_prompt], ids[n_prompt:]
+def truncate_pairs(
+    pairs: list[tuple[list[int], int]], max_prompt_length: int | None, max_length: int | None
+) -> tuple[list[tuple[list[int], int]], bool]:
+    """Sequences sharing one response: keep each prompt's last ``max_prompt_length`` tokens and cut the response
+    so that the longest prompt plus the response fits ``max_length`` (the response stays identical in all)."""
+    prompts = [ids[:n] for ids, n in pairs]
+    response = pairs[0][0][pairs[0][1]:]
     cut = False
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt, cut = prompt[-max_prompt_length:], True
-    if max_length is not None and len(prompt) + len(response) > max_length:
-        keep = max_length - len(prompt)
+    if max_prompt_length is not None and any(len(p) > max_prompt_length for p in prompts):
+        prompts, cut = [p[-max_prompt_length:] for p in prompts], True
+    longest = max(len(p) for p in prompts)
+    if max_length is not None and longest + len(response) > max_length:
+        keep = max_length - longest
         if keep < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for the response after a {len(prompt)}-token "
+            raise ValueError(f"max_length={max_length} leaves no room for the response after a {longest}-token "
                              "prompt; raise max_length or set max_prompt_length.")
         response, cut = response[:keep], True
-    return prompt + response, len(prompt), cut
+    return [(p + response, len(p)) for p in prompts], cut
 
 
 def build_scit_examples(
@@ -112,18 +115,14 @@ def build_scit_examples(
     for j, row_index in enumerate(indices):
         triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
         for response, own, opposite in ((triplet.chosen, positive, negative), (triplet.rejected, negative, positive)):
-            encoded = []
-            for template in (own, opposite):
-                ids, n_prompt = encode_pair(tokenizer, triplet.prompt, response, template)
-                ids, n_prompt, cut = truncate_pair(ids, n_prompt, args.max_prompt_length, args.max_length)
-                truncated += cut
-                encoded.append((ids, n_prompt))
-            (ids, n), (opp_ids, opp_n) = encoded
-            if ids[n:] != opp_ids[opp_n:]:
+            encoded = [encode_pair(tokenizer, triplet.prompt, response, template) for template in (own, opposite)]
+            if encoded[0][0][encoded[0][1]:] != encoded[1][0][encoded[1][1]:]:
                 raise ValueError(
                     f"row {row_index}: the response tokenizes differently under the two instructions; use a "
                     "prompt_format whose prompt ends on a token boundary."
                 )
+            ((ids, n), (opp_ids, opp_n)), cut = truncate_pairs(encoded, args.max_prompt_length, args.max_length)
+            truncated += cut
             out["input_ids"].append(ids)
             out["prompt_length"].append(n)
             out["opposite_input_ids"].append(opp_ids)
