@@ -17,7 +17,6 @@ To fit the CPU budget, only pairs whose prompt and responses are short are used 
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import random
@@ -27,17 +26,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 
+from hf_repalign.data_files import read_jsonl, read_truthfulqa_mc, shared_data_dir
 from hf_repalign.formats import PreferenceFormatError, encode_pair, to_triplet
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import DualConfig, RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, train_dual
 from hf_repalign.rahf.instructions import instructed_template
 from hf_repalign.rahf.scit import response_logps
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 def load_pairs(args, tokenizer):
-    rows = [json.loads(line) for line in gzip.open(DATA / "hh-rlhf/helpful-base/test.jsonl.gz", "rt")]
+    rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
     cut = int(0.8 * len(rows))
@@ -133,7 +130,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer()
     train, held, total, cut = load_pairs(args, tokenizer)
-    questions = json.loads((DATA / "truthfulqa/mc_task.json").read_text())[: args.mc1_questions]
+    questions = read_truthfulqa_mc(shared_data_dir() / "truthfulqa/mc_task.json")[: args.mc1_questions]
     print(f"HH helpful-base: {total} rows, train part {cut} -> {len(train)} short pairs used; held-out part "
           f"{total - cut} -> {len(held)} short pairs evaluated; TruthfulQA MC1: {len(questions)} questions", flush=True)
     results, curves, timings = {}, {}, {}

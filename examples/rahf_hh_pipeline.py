@@ -9,16 +9,15 @@ the folder is absent). The saved adapter is a standard PEFT folder: nothing from
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
 
+from hf_repalign.data_files import read_jsonl, shared_data_dir
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer
 
-HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+HH = shared_data_dir() / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 FALLBACK = [
     {"prompt": "How do I keep basil fresh?", "chosen": "Trim the stems and keep it in water on the counter.",
      "rejected": "Just throw it away."},
@@ -29,8 +28,7 @@ FALLBACK = [
 def load_rows(n: int) -> list[dict]:
     if not HH.is_file():
         return FALLBACK[:n]
-    with gzip.open(HH, "rt") as handle:
-        return [json.loads(line) for _, line in zip(range(n), handle)]
+    return read_jsonl(HH)[:n]
 
 
 def main(argv=None) -> str:
