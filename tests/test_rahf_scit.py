@@ -182,3 +182,13 @@ def test_truncation_keeps_the_response_identical_under_both_instructions(tmp_pat
     with pytest.raises(ValueError, match="leaves no room"):
         SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=50), train_dataset=rows,
                     processing_class=tokenizer)
+
+
+def test_multi_turn_prompts_and_chat_templates_carry_the_instruction(tokenizer, plain_tokenizer):
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
+    text = instructed_template(plain_tokenizer, "Be kind.")(dialogue, " See you.")
+    assert text == "Human: Be kind. Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: See you."
+    chat = instructed_template(tokenizer, "Be kind.")(dialogue, " See you.")
+    assert chat.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    assert chat.endswith("<|im_start|>assistant\nSee you.<|im_end|>\n")
+    assert "system" not in instructed_template(tokenizer, "")("Hi", "Yo")
