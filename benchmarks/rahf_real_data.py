@@ -97,12 +97,21 @@ def truthfulqa_mc1(model, tokenizer, questions):
     return correct / len(questions)
 
 
-def evaluate(name, model, tokenizer, held, questions, results):
+STAGES = ("base", "scit", "dual", "rahf_scit", "rahf_dual", "report")
+
+
+def evaluate(name, model, tokenizer, held, questions, work):
     model.eval()
     start = time.time()
-    results[name] = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
-                     "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions)}
-    print(f"[{name}] {results[name]} ({time.time() - start:.0f} s)", flush=True)
+    result = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
+              "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions), "seconds": time.time() - start}
+    (work / f"result_{name}.json").write_text(json.dumps(result) + "\n")
+    print(f"[{name}] {result}", flush=True)
+
+
+def save_curve(work, name, log_history, seconds):
+    curve = {"loss": [e["loss"] for e in log_history if "loss" in e], "seconds": seconds}
+    (work / f"curve_{name}.json").write_text(json.dumps(curve) + "\n")
 
 
 def common(args, out, **kw):
@@ -114,11 +123,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/img/rahf_real_data")
     parser.add_argument("--work", default="outputs/rahf_real_data")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="run these stages; each saves its result in --work, so stages can run in parallel "
+                             "processes and 'report' gathers them")
     parser.add_argument("--train_rows", type=int, default=60)
     parser.add_argument("--eval_pairs", type=int, default=60)
     parser.add_argument("--mc1_questions", type=int, default=50)
     parser.add_argument("--step1_steps", type=int, default=12)
-    parser.add_argument("--rahf_steps", type=int, default=20)
+    parser.add_argument("--rahf_steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=5.0)
     parser.add_argument("--max_prompt_tokens", type=int, default=128)
@@ -127,56 +139,59 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer()
     train, held, total, cut = load_pairs(args, tokenizer)
     questions = read_truthfulqa_mc(shared_data_dir() / "truthfulqa/mc_task.json")[: args.mc1_questions]
-    print(f"HH helpful-base: {total} rows, train part {cut} -> {len(train)} short pairs used; held-out part "
-          f"{total - cut} -> {len(held)} short pairs evaluated; TruthfulQA MC1: {len(questions)} questions", flush=True)
-    results, curves, timings = {}, {}, {}
-    evaluate("base", base, tokenizer, held, questions, results)
+    rows = {"total": total, "train_part": cut, "train_used": len(train), "heldout_used": len(held),
+            "mc1_questions": len(questions)}
+    print(f"HH helpful-base: {rows}", flush=True)
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    fresh = lambda: load_model_and_tokenizer()[0].train()  # noqa: E731
 
-    start = time.time()
-    scit = SCITTrainer(load_model_and_tokenizer()[0].train(), SCITConfig(**common(
-        args, work / "scit", max_steps=args.step1_steps, learning_rate=2e-4)), train_dataset=train,
-        processing_class=tokenizer, peft_config=LoraConfig(**lora))
-    scit.train()
-    scit.model.save_pretrained(str(work / "scit_adapter"))
-    curves["SCIT (Eq. 1)"] = [e["loss"] for e in scit.state.log_history if "loss" in e]
-    timings["scit"] = time.time() - start
-    print(f"SCIT trained in {timings['scit']:.0f} s", flush=True)
-
-    start = time.time()
-    folders = train_dual(load_model_and_tokenizer()[0].train(), tokenizer, train, DualConfig(**common(
-        args, work / "dual", max_steps=args.step1_steps, learning_rate=2e-4), max_length=None,
-        gradient_checkpointing=False), peft_config=LoraConfig(**lora))
-    timings["dual"] = time.time() - start
-    print(f"Dual trained in {timings['dual']:.0f} s", flush=True)
-    for side in ("good", "bad"):
-        state = json.loads((folders[side] / "trainer_state.json").read_text())
-        curves[f"Dual {side} (SFT)"] = [e["loss"] for e in state["log_history"] if "loss" in e]
-
-    for method, instructed in (("scit", str(work / "scit_adapter")),
-                               ("dual", (str(folders["good"]), str(folders["bad"])))):
+    if "base" in args.stages:
+        evaluate("base", base, tokenizer, held, questions, work)
+    if "scit" in args.stages:
         start = time.time()
-        trainer = RAHFTrainer(load_model_and_tokenizer()[0].train(), RAHFConfig(**common(
+        scit = SCITTrainer(fresh(), SCITConfig(**common(args, work / "scit", max_steps=args.step1_steps,
+                                                        learning_rate=2e-4)),
+                           train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**lora))
+        scit.train()
+        scit.model.save_pretrained(str(work / "scit_adapter"))
+        save_curve(work, "SCIT (Eq. 1)", scit.state.log_history, time.time() - start)
+    if "dual" in args.stages:
+        start = time.time()
+        folders = train_dual(fresh(), tokenizer, train, DualConfig(**common(
+            args, work / "dual", max_steps=args.step1_steps, learning_rate=2e-4), max_length=None,
+            gradient_checkpointing=False), peft_config=LoraConfig(**lora))
+        for side in ("good", "bad"):
+            state = json.loads((folders[side] / "trainer_state.json").read_text())
+            save_curve(work, f"Dual {side} (SFT)", state["log_history"], time.time() - start)
+    for method in ("scit", "dual"):
+        if f"rahf_{method}" not in args.stages:
+            continue
+        instructed = str(work / "scit_adapter") if method == "scit" else (str(work / "dual" / "good"),
+                                                                          str(work / "dual" / "bad"))
+        start = time.time()
+        trainer = RAHFTrainer(fresh(), RAHFConfig(**common(
             args, work / f"rahf_{method}", max_steps=args.rahf_steps, learning_rate=2e-4), method=method,
             alpha=args.alpha, dataset_name="Anthropic HH-RLHF helpful-base (80% split)"),
             train_dataset=train, processing_class=tokenizer, instructed=instructed)
         trainer.train()
-        timings[f"rahf_{method}"] = time.time() - start
-        curves[f"RAHF after {method.upper()}"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        save_curve(work, f"RAHF after {method.upper()}", trainer.state.log_history, time.time() - start)
         trainer.save_pretrained(work / f"rahf_{method}_adapter")
         tuned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(work / f"rahf_{method}_adapter"))
-        evaluate(f"{method.upper()} -> RAHF", tuned, tokenizer, held, questions, results)
-
-    summary = {"args": vars(args), "rows": {"total": total, "train_part": cut, "train_used": len(train),
-               "heldout_used": len(held), "mc1_questions": len(questions)}, "results": results,
-               "train_seconds": timings, "curves": curves}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(curves, out.with_suffix(".png"))
-    print(json.dumps({"results": results, "train_seconds": timings}, indent=1))
+        evaluate(f"{method.upper()} -> RAHF", tuned, tokenizer, held, questions, work)
+    if "report" in args.stages:
+        results = {f.stem[len("result_"):]: json.loads(f.read_text()) for f in sorted(work.glob("result_*.json"))}
+        order = ["SCIT (Eq. 1)", "Dual good (SFT)", "Dual bad (SFT)", "RAHF after SCIT", "RAHF after DUAL"]
+        curves = {n: json.loads((work / f"curve_{n}.json").read_text()) for n in order
+                  if (work / f"curve_{n}.json").is_file()}
+        summary = {"args": vars(args), "rows": rows, "results": results, "curves": curves}
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+        plot({n: c["loss"] for n, c in curves.items()}, out.with_suffix(".png"))
+        print(json.dumps(results, indent=1))
 
 
 def plot(curves, path):
