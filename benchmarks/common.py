@@ -40,18 +40,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per run, the candidates interleaved so drift hits them all alike (one warm-up each)."""
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per run, the candidates interleaved so drift hits them all alike (one warm-up each).
+
+    ``clock=time.process_time`` counts this process's CPU seconds instead of wall time (steadier on a shared CPU).
+    """
     for fn in runs.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

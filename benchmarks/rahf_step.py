@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -231,11 +232,15 @@ def main(argv=None):
                     output = subprocess.run(child, capture_output=True, text=True, check=True).stdout
                     peaks[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
             times = time_interleaved(runs, args.repeats, args.device)
+            cpu = time_interleaved(runs, args.repeats, args.device, clock=time.process_time) \
+                if args.device == "cpu" else None
             row = {"model": model_name, "device": args.device, "dtype": args.dtype, "backend": args.backend,
                    "batch": args.batch, "prompt_tokens": args.prompt_len, "response_tokens": args.response_len,
                    "dpo_step_s": times["dpo"], "rahf_step_s": times["rahf"], "time_ratio": times["rahf"] / times["dpo"],
                    "dpo_peak_mib": peaks["dpo"], "rahf_peak_mib": peaks["rahf"],
                    "memory_ratio": peaks["rahf"] / peaks["dpo"] if peaks["dpo"] else float("nan")}
+            if cpu is not None:  # CPU seconds of this process: less sensitive to other jobs on the machine
+                row.update(dpo_step_cpu_s=cpu["dpo"], rahf_step_cpu_s=cpu["rahf"], cpu_time_ratio=cpu["rahf"] / cpu["dpo"])
             if args.device.startswith("cuda"):
                 row.update(dpo_total_mib=peaks["dpo_total"], rahf_total_mib=peaks["rahf_total"])
             results.append(row)
