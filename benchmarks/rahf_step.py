@@ -240,7 +240,8 @@ def main(argv=None):
                    "dpo_peak_mib": peaks["dpo"], "rahf_peak_mib": peaks["rahf"],
                    "memory_ratio": peaks["rahf"] / peaks["dpo"] if peaks["dpo"] else float("nan")}
             if cpu is not None:  # CPU seconds of this process: less sensitive to other jobs on the machine
-                row.update(dpo_step_cpu_s=cpu["dpo"], rahf_step_cpu_s=cpu["rahf"], cpu_time_ratio=cpu["rahf"] / cpu["dpo"])
+                row.update(dpo_step_cpu_s=cpu["dpo"], rahf_step_cpu_s=cpu["rahf"],
+                           cpu_time_ratio=cpu["rahf"] / cpu["dpo"])
             if args.device.startswith("cuda"):
                 row.update(dpo_total_mib=peaks["dpo_total"], rahf_total_mib=peaks["rahf_total"])
             results.append(row)

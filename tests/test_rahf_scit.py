@@ -148,7 +148,8 @@ def test_lora_training_changes_only_the_adapter(tmp_path, tokenizer):
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
     base = trainer.model.get_base_model().state_dict()
     for name, value in before.items():
-        key = name.replace(".weight", ".base_layer.weight") if name.replace(".weight", ".base_layer.weight") in base else name
+        wrapped = name.replace(".weight", ".base_layer.weight")
+        key = wrapped if wrapped in base else name
         torch.testing.assert_close(base[key], value)
 
 

@@ -94,8 +94,9 @@ def run_scit(args: SCITCommand) -> int:
     from .scit import SCITTrainer
 
     model, tokenizer = _load(args)
-    trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=load_rows(args.dataset, args.dataset_split,
-                          args.max_rows), processing_class=tokenizer, peft_config=_lora(args) if args.use_peft else None)
+    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)
+    trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
+                          peft_config=_lora(args) if args.use_peft else None)
     trainer.train()
     trainer.save_model(args.output_dir)
     print(f"SCIT model saved to {args.output_dir}")

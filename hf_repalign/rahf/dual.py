@@ -78,7 +78,8 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(peft_model.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(str(directory))

@@ -355,7 +355,8 @@ class RAHFTrainer(Trainer):
         with torch.no_grad():
             valid = mask.bool()
             mode = "train" if model.training else "eval"
-            self._metrics[mode]["target_shift"].append((self.args.alpha * difference).norm(dim=-1)[:, valid].mean().item())
+            shift = (self.args.alpha * difference).norm(dim=-1)[:, valid]
+            self._metrics[mode]["target_shift"].append(shift.mean().item())
             self._metrics[mode]["lora_shift"].append((lora - base).norm(dim=-1)[:, valid].mean().item())
         return (loss, lora) if return_outputs else loss
 
