@@ -104,7 +104,8 @@ def split_implicit(chosen: Any, rejected: Any, row: int | None = None) -> Prefer
         if a != b:
             break
         common += 1
-    cut = chosen_s.rfind(HH_ASSISTANT, 0, common - len(HH_ASSISTANT) + 1) if common >= len(HH_ASSISTANT) else -1
+    # The last "\n\nAssistant:" lying wholly inside the common prefix.
+    cut = chosen_s.rfind(HH_ASSISTANT, 0, common)
     if cut < 0:
         raise PreferenceFormatError(
             f"row {row}: `chosen` and `rejected` share no prompt (expected a common dialogue ending in "
