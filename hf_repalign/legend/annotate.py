@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -103,7 +103,7 @@ def write_dataset(dataset: Dataset, path: str | os.PathLike) -> Path:
         if path.suffix == ".parquet":
             dataset.to_parquet(tmp)
         else:
-            dataset.to_json(tmp, lines=path.suffix == ".jsonl", force_ascii=False)
+            dataset.to_json(tmp, lines=path.suffix == ".jsonl", force_ascii=False, double_precision=15)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -155,6 +155,20 @@ def _sync_error(state: PartialState, error: Exception | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- annotation
+def distributed_state() -> PartialState:
+    """The ``accelerate`` process state; CPU-only launches (no accelerator, or ``--cpu``) use the gloo backend."""
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes != world:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={world} but accelerate's state has {state.num_processes} process(es): a "
+            "PartialState() was created before annotate() without cpu=True on a machine without an accelerator; "
+            "create it with hf_repalign.legend.annotate.distributed_state() instead."
+        )
+    return state
+
+
 def annotate_with(
     pipe,
     data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike,
@@ -191,7 +205,7 @@ def annotate_with(
         raise ValueError("no `margin_vector`: pass one to pipeline(...) or to annotate(...).")
     batch_size = batch_size or pipe._batch_size or 8
 
-    state = PartialState()
+    state = distributed_state()
     n = len(dataset)
     chunks = [(start, min(start + checkpoint_every, n)) for start in range(0, n, checkpoint_every)]
     with state.split_between_processes(list(range(len(chunks)))) as mine:
@@ -293,7 +307,7 @@ def annotate(
         model, tokenizer = load_model_and_tokenizer(model)
     elif tokenizer is None:
         raise ValueError("`tokenizer` is required when `model` is a loaded model.")
-    state = PartialState()
+    state = distributed_state()
     if device is None:
         device = state.device if state.num_processes > 1 else model.device
     model.to(device)
