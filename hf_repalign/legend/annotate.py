@@ -98,12 +98,17 @@ def write_dataset(dataset: Dataset, path: str | os.PathLike) -> Path:
         raise ValueError(f"`output`: unsupported suffix {path.suffix!r} in {path}; use one of {OUTPUT_SUFFIXES}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
         if path.suffix == ".parquet":
+            os.close(fd)
             dataset.to_parquet(tmp)
-        else:
-            dataset.to_json(tmp, lines=path.suffix == ".jsonl", force_ascii=False, double_precision=15)
+        else:  # json.dumps keeps floats exact (pandas' writer rounds to 15 digits)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                rows = (json.dumps(row, ensure_ascii=False) for row in dataset)
+                if path.suffix == ".jsonl":
+                    handle.writelines(line + "\n" for line in rows)
+                else:
+                    handle.write("[" + ",\n".join(rows) + "]\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
