@@ -66,7 +66,9 @@ def main() -> None:
     with open(DATA / "advbench" / "harmful_behaviors.csv", newline="") as handle:
         goals = [row["goal"] for row in csv.DictReader(handle)][: args.goals]
     start = time.perf_counter()
-    vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens, progress=True)
+    # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
+    vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
+                              generation_batch_size=len(goals), batch_size=args.batch_size, progress=True)
     summary["fit_seconds"] = round(time.perf_counter() - start, 1)
     vec.save_pretrained(args.out / "vector")
     print(f"fitted {vec} in {summary['fit_seconds']} s")

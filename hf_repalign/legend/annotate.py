@@ -23,12 +23,11 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -37,6 +36,9 @@ from ..hub import atomic_write_text
 from .binning import equal_frequency_bins
 from .embedding import map_batches
 from .vector import MarginVector
+
+if TYPE_CHECKING:  # `datasets` is imported lazily: the pipeline itself runs without it
+    from datasets import Dataset
 
 logger = logging.get_logger(__name__)
 
@@ -67,6 +69,8 @@ def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.
     Lists and files are checked row by row before conversion, so a bad row is reported by number rather than as
     an Arrow type error.
     """
+    from datasets import Dataset
+
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
