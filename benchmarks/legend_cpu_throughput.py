@@ -10,8 +10,6 @@ produce the same margins (checked); the ratio is measured in one run.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import time
 from pathlib import Path
 
@@ -19,8 +17,8 @@ import torch
 from transformers import pipeline
 
 import hf_repalign  # noqa: F401
-from hf_repalign.formats import PreferenceFormatError, encode_pair, to_triplet
-from hf_repalign.legend import MarginVector
+from hf_repalign.formats import encode_pair, to_triplet
+from hf_repalign.legend import MarginVector, read_json_rows, usable_rows
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.testing import tiny_model, tiny_tokenizer
 
@@ -28,19 +26,16 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def hh_rows(n: int, tokenizer, max_tokens: int) -> list[dict]:
-    rows = []
-    with gzip.open(DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", "rt") as handle:
-        for i, line in enumerate(handle):
-            row = json.loads(line)
-            try:
-                t = to_triplet(row, i)
-            except PreferenceFormatError:
-                continue
-            if max(len(encode_pair(tokenizer, t.prompt, r)[0]) for r in (t.chosen, t.rejected)) <= max_tokens:
-                rows.append(row)
-            if len(rows) == n:
-                return rows
-    return rows
+    """The first ``n`` usable harmless-base pairs with both sides within ``max_tokens``."""
+    rows, _ = usable_rows(read_json_rows(DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+    kept = []
+    for i, row in enumerate(rows):
+        t = to_triplet(row, i)
+        if max(len(encode_pair(tokenizer, t.prompt, r)[0]) for r in (t.chosen, t.rejected)) <= max_tokens:
+            kept.append(row)
+        if len(kept) == n:
+            break
+    return kept
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
 2. Annotate HH-RLHF harmless-base test (and helpful-base as a contrast) and report the share of pairs with
    margin_raw > 0 (the direction agrees with the human label), a histogram and wall times.
 
-Rows whose chosen or rejected response is empty cannot be embedded; they are dropped here explicitly and counted.
+Rows whose chosen or rejected response is empty cannot be embedded; they are dropped here explicitly and counted
+(``usable_rows``), then the first ``--rows`` usable rows are annotated.
 
     nice -n 10 .venv/bin/python benchmarks/legend_real_data.py --rows 300 --helpful_rows 150
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import time
 from pathlib import Path
@@ -22,29 +22,10 @@ import torch
 from transformers import pipeline
 
 import hf_repalign  # noqa: F401
-from hf_repalign.formats import PreferenceFormatError, to_triplet
-from hf_repalign.legend import MarginVector
+from hf_repalign.legend import MarginVector, read_json_rows, usable_rows
 from hf_repalign.models import load_model_and_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def valid_rows(path: Path, limit: int | None) -> tuple[list[dict], int]:
-    """The first ``limit`` usable rows of an HH-RLHF file, and how many unusable rows were skipped on the way."""
-    rows, skipped = [], 0
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
-            row = json.loads(line)
-            try:
-                to_triplet(row, i)
-            except PreferenceFormatError as err:
-                print(f"  skipping {path.parent.name} {err}")
-                skipped += 1
-                continue
-            rows.append(row)
-            if limit is not None and len(rows) == limit:
-                break
-    return rows, skipped
 
 
 def main() -> None:
@@ -77,7 +58,9 @@ def main() -> None:
                     batch_size=args.batch_size)
     margins = {}
     for split, limit in (("harmless-base", args.rows), ("helpful-base", args.helpful_rows)):
-        rows, skipped = valid_rows(DATA / "hh-rlhf" / split / "test.jsonl.gz", limit)
+        rows, errors = usable_rows(read_json_rows(DATA / "hh-rlhf" / split / "test.jsonl.gz"))
+        print(f"{split}: dropping {len(errors)} unusable rows: {errors}")
+        rows, skipped = rows[:limit], len(errors)
         start = time.perf_counter()
         annotated = pipe.annotate(rows, num_bins=10, output=args.out / f"{split}.jsonl", max_length=args.max_length,
                                   truncation="left", resume=True)
@@ -85,7 +68,7 @@ def main() -> None:
         raw = torch.tensor(list(annotated["margin_raw"]))
         margins[split] = raw
         summary[split] = {
-            "pairs": len(rows), "skipped_empty_or_malformed": skipped,
+            "pairs": len(rows), "unusable_rows_in_split": skipped,
             "prompt_truncated_rows": len(pipe.last_truncated_rows),
             "share_margin_raw_positive": round(float((raw > 0).float().mean()), 4),
             "mean_margin_raw": round(float(raw.mean()), 4), "seconds": round(seconds, 1),

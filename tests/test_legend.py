@@ -315,3 +315,20 @@ def test_resume_refuses_checkpoints_of_another_run(pipe, tmp_path, monkeypatch, 
         pipe.annotate(pairs(4), output=output, checkpoint_every=2, resume=True, margin_vector=other, progress=False)
     out = pipe.annotate(pairs(4), output=output, checkpoint_every=2, resume=True, progress=False)
     assert Dataset.from_parquet(str(output))["margin_raw"] == pytest.approx(out["margin_raw"])
+
+
+def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
+    import gzip
+
+    from hf_repalign.legend import read_json_rows, usable_rows
+
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    empty = {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    path = tmp_path / "test.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(json.dumps(good) + "\n" + json.dumps(empty) + "\n")
+    with pytest.raises(PreferenceFormatError, match="row 1, field `chosen"):
+        pipe.annotate(path, progress=False)
+    rows, errors = usable_rows(read_json_rows(path))
+    assert rows == [good] and len(errors) == 1 and "row 1" in errors[0]
+    assert len(pipe.annotate(rows, num_bins=None, progress=False)) == 1

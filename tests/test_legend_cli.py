@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from transformers import pipeline
 
 import hf_repalign.cli as cli

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -47,7 +46,9 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 # --------------------------------------------------------------------------------------------------- input / output
-def _read_json_rows(path: Path) -> list[dict]:
+def read_json_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a .jsonl / .json file, gzipped or not (a JSON list or one object per line)."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         text = handle.read()
@@ -85,7 +86,7 @@ def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.
             return Dataset(InMemoryTable(pq.read_table(path)))
         if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
             raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
-        data = _read_json_rows(path)
+        data = read_json_rows(path)
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise TypeError(f"`dataset` must be a datasets.Dataset, a list of dicts or a path, got {type(data).__name__}.")
     for i, row in enumerate(data):
@@ -93,6 +94,23 @@ def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.
             raise PreferenceFormatError(f"row {i}: expected a dict, got {type(row).__name__}.")
         to_triplet(row, i)
     return Dataset.from_list([dict(row) for row in data])
+
+
+def usable_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """Split rows into those that form a valid preference triplet and the errors of the others.
+
+    ``annotate`` refuses bad rows; use this to drop them explicitly (e.g. HH-RLHF's few empty responses) and keep
+    the messages for your report.
+    """
+    good, errors = [], []
+    for i, row in enumerate(rows):
+        try:
+            to_triplet(row, i)
+        except PreferenceFormatError as err:
+            errors.append(str(err))
+        else:
+            good.append(row)
+    return good, errors
 
 
 def write_dataset(dataset: Dataset, path: str | os.PathLike) -> Path:

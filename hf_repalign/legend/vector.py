@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..formats import PreferenceTriplet, Prompt, Template, render_split, to_triplet
+from ..formats import Prompt, Template, render_split, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import load_folder, push_folder, render_card, save_folder
 from .embedding import check_pooling, encode_triplet, map_batches, pair_embeddings
