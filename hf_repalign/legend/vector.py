@@ -29,6 +29,7 @@ from transformers.utils import logging
 from ..formats import Prompt, Template, render_split, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import load_folder, push_folder, render_card, save_folder
+from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
 from .embedding import check_pooling, encode_triplet, map_batches, pair_embeddings
 from .margin import margin_direction
 
@@ -45,7 +46,9 @@ def _hidden_size(model: torch.nn.Module) -> int:
 
 
 def _model_name(model: torch.nn.Module) -> str:
-    return str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    # The embedded model loads from a cache folder; record its public name instead of this machine's path.
+    return EMBEDDED_MODEL_NAME if Path(name) == embedded_model_cache_dir() else name
 
 
 class MarginVector:
