@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from transformers import pipeline
 
 import hf_repalign  # noqa: F401
 from hf_repalign.formats import encode_pair, to_triplet
-from hf_repalign.legend import MarginVector, read_json_rows, usable_rows
+from hf_repalign.data_files import read_jsonl, shared_data_dir
+from hf_repalign.legend import MarginVector, usable_rows
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.testing import tiny_model, tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def hh_rows(n: int, tokenizer, max_tokens: int) -> list[dict]:
     """The first ``n`` usable harmless-base pairs with both sides within ``max_tokens``."""
-    rows, _ = usable_rows(read_json_rows(DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+    rows, _ = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
     kept = []
     for i, row in enumerate(rows):
         t = to_triplet(row, i)

@@ -8,46 +8,28 @@ requested layer) and, in the same run, the raw decoder forward over the same num
 Needs only torch, transformers, peft/accelerate and hf_repalign (no trl/datasets):
 
     python benchmarks/legend_gpu_throughput.py                      # on one CUDA GPU (~3-5 min)
-    python benchmarks/legend_gpu_throughput.py --shape tiny --device cpu --pairs 64   # dry run on CPU
+    python benchmarks/legend_gpu_throughput.py --model tiny --device cpu --pairs 64   # dry run on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import string
+import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_model, synchronize  # noqa: E402
 
 from hf_repalign.legend.embedding import map_batches
 from hf_repalign.legend.pipeline import LegendMarginPipeline
 from hf_repalign.legend.vector import MarginVector
 from hf_repalign.testing import tiny_tokenizer
-
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=32000),
-}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    return model.eval()
-
 
 def random_pairs(n: int, seed: int) -> list[dict]:
     """Byte-level text, so one character is one token: prompt 150-450, responses 50-150 tokens."""
@@ -70,7 +52,7 @@ def flops(config, lengths: list[int]) -> float:
 
 
 @torch.inference_mode()
-def raw_forward(model, total_tokens: int, seq_len: int, batch: int, device) -> tuple[float, list[int]]:
+def raw_forward(model, total_tokens: int, seq_len: int, batch: int, device: str) -> tuple[float, list[int]]:
     n_seqs = max(1, round(total_tokens / seq_len))
     ids = torch.randint(5, 261, (batch, seq_len), device=device)
     model.model(input_ids=ids[:1], use_cache=False)  # warm-up
@@ -87,7 +69,7 @@ def raw_forward(model, total_tokens: int, seq_len: int, batch: int, device) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    parser.add_argument("--model", choices=["llama7b-random", "tiny"], default="llama7b-random")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=32, help="pairs per forward (2x sequences)")
@@ -95,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(args.shape, device, dtype)
+    model = build_model(args.model, args.device, dtype)
     tokenizer = tiny_tokenizer(chat_template=False)
     generator = torch.Generator().manual_seed(0)
     direction = torch.randn(model.config.hidden_size, generator=generator)
@@ -106,25 +88,25 @@ def main() -> None:
     def forward(batch):
         return pipe.forward(batch, margin_vector=vec)["margin_raw"]
 
-    warm = [pipe.encode(row, i, margin_vector=vec)[0] for i, row in enumerate(rows[: args.batch_size])]
+    warm = [pipe.encode(row, i, margin_vector=vec, max_length=1024)[0] for i, row in enumerate(rows[: args.batch_size])]
     map_batches(warm, forward, tokenizer, args.batch_size)
-    synchronize(device)
+    synchronize(args.device)
     start = time.perf_counter()
-    items = [pipe.encode(row, i, margin_vector=vec)[0] for i, row in enumerate(rows)]
+    items = [pipe.encode(row, i, margin_vector=vec, max_length=1024)[0] for i, row in enumerate(rows)]
     encode_s = time.perf_counter() - start
     margins = map_batches(items, forward, tokenizer, args.batch_size)
-    synchronize(device)
+    synchronize(args.device)
     total_s = time.perf_counter() - start
     lengths = [item[f"{side}_input_ids"].shape[1] for item in items for side in ("chosen", "rejected")]
     assert torch.isfinite(margins).all() and margins.numel() == args.pairs
 
-    raw_s, raw_lengths = raw_forward(model, sum(lengths), 512, args.raw_batch, device)
+    raw_s, raw_lengths = raw_forward(model, sum(lengths), 512, args.raw_batch, args.device)
     ours_tflops = flops(model.config, lengths) / total_s / 1e12
     raw_tflops = flops(model.config, raw_lengths) / raw_s / 1e12
     ours_tok, raw_tok = sum(lengths) / total_s, sum(raw_lengths) / raw_s
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "shape": args.shape, "dtype": str(dtype), "pairs": args.pairs, "tokens": sum(lengths),
+        "model": args.model, "dtype": str(dtype), "pairs": args.pairs, "tokens": sum(lengths),
         "annotate_pairs_per_s": round(args.pairs / total_s, 2), "annotate_seconds": round(total_s, 2),
         "tokenize_seconds": round(encode_s, 2), "annotate_tokens_per_s": round(ours_tok),
         "annotate_tflops": round(ours_tflops, 1), "raw_seqs512_per_s": round(len(raw_lengths) / raw_s, 2),

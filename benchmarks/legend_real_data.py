@@ -13,7 +13,6 @@ Rows whose chosen or rejected response is empty cannot be embedded; they are dro
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -22,10 +21,10 @@ import torch
 from transformers import pipeline
 
 import hf_repalign  # noqa: F401
-from hf_repalign.legend import MarginVector, read_json_rows, usable_rows
+from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir
+from hf_repalign.legend import MarginVector, usable_rows
 from hf_repalign.models import load_model_and_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
@@ -44,8 +43,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer()
     summary: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
-    with open(DATA / "advbench" / "harmful_behaviors.csv", newline="") as handle:
-        goals = [row["goal"] for row in csv.DictReader(handle)][: args.goals]
+    goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
     start = time.perf_counter()
     # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
     vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
@@ -58,7 +56,7 @@ def main() -> None:
                     batch_size=args.batch_size)
     margins = {}
     for split, limit in (("harmless-base", args.rows), ("helpful-base", args.helpful_rows)):
-        rows, errors = usable_rows(read_json_rows(DATA / "hh-rlhf" / split / "test.jsonl.gz"))
+        rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz"))
         print(f"{split}: dropping {len(errors)} unusable rows: {errors}")
         rows, skipped = rows[:limit], len(errors)
         start = time.perf_counter()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
@@ -21,29 +20,28 @@ from transformers import AutoModelForSequenceClassification, pipeline
 from trl import RewardConfig, RewardTrainer
 
 import hf_repalign  # noqa: F401  (registers "legend-margin")
-from hf_repalign.legend import MarginVector, read_json_rows, usable_rows
+from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir
+from hf_repalign.legend import MarginVector, usable_rows
 from hf_repalign.models import embedded_model_path, load_model_and_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--goals", type=int, default=8, help="AdvBench goals for the vector")
     parser.add_argument("--pairs", type=int, default=32, help="HH-RLHF harmless-base pairs to annotate")
     parser.add_argument("--steps", type=int, default=4, help="reward-model training steps")
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_example"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     model, tokenizer = load_model_and_tokenizer()
-    with open(DATA / "advbench" / "harmful_behaviors.csv", newline="") as handle:
-        goals = [row["goal"] for row in csv.DictReader(handle)][: args.goals]
+    goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
     vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=24, generation_batch_size=len(goals))
     vec.save_pretrained(args.out / "margin-vector")
     print(vec)
 
-    rows, errors = usable_rows(read_json_rows(DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+    rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
     print(f"dropped {len(errors)} unusable HH-RLHF rows, e.g. {errors[:1]}")
     # Short dialogues keep the example quick; filter explicitly rather than truncate silently.
     hh = [row for row in rows if len(row["chosen"]) < 600 and len(row["rejected"]) < 600][: args.pairs]
@@ -65,7 +63,9 @@ def main() -> None:
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     trainer.train()
-    print("losses:", [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e])
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    print("losses:", [round(loss, 4) for loss in losses])
+    return losses
 
 
 if __name__ == "__main__":

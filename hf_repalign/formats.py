@@ -104,7 +104,6 @@ def split_implicit(chosen: Any, rejected: Any, row: int | None = None) -> Prefer
         if a != b:
             break
         common += 1
-    # The last "\n\nAssistant:" lying wholly inside the common prefix.
     cut = chosen_s.rfind(HH_ASSISTANT, 0, common)
     if cut < 0:
         raise PreferenceFormatError(

@@ -320,7 +320,8 @@ def test_resume_refuses_checkpoints_of_another_run(pipe, tmp_path, monkeypatch, 
 def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
     import gzip
 
-    from hf_repalign.legend import read_json_rows, usable_rows
+    from hf_repalign.data_files import read_jsonl
+    from hf_repalign.legend import usable_rows
 
     good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
     empty = {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
@@ -329,6 +330,6 @@ def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
         handle.write(json.dumps(good) + "\n" + json.dumps(empty) + "\n")
     with pytest.raises(PreferenceFormatError, match="row 1, field `chosen"):
         pipe.annotate(path, progress=False)
-    rows, errors = usable_rows(read_json_rows(path))
+    rows, errors = usable_rows(read_jsonl(path))
     assert rows == [good] and len(errors) == 1 and "row 1" in errors[0]
     assert len(pipe.annotate(rows, num_bins=None, progress=False)) == 1

@@ -9,7 +9,7 @@ Example:
     >>> annotated = pipe.annotate(hh_rlhf, num_bins=10)  # + `margin_raw`, `margin` (read by trl.RewardTrainer)
 """
 
-from .annotate import add_margin_columns, annotate, load_preference_data, read_json_rows, usable_rows, write_dataset
+from .annotate import add_margin_columns, annotate, load_preference_data, usable_rows, write_dataset
 from .binning import equal_frequency_bins
 from .margin import margin_direction, margin_raw
 from .pipeline import LegendMarginPipeline
@@ -24,7 +24,6 @@ __all__ = [
     "load_preference_data",
     "margin_direction",
     "margin_raw",
-    "read_json_rows",
     "usable_rows",
     "write_dataset",
 ]

@@ -30,6 +30,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..data_files import read_jsonl
 from ..formats import PreferenceFormatError, to_triplet
 from ..hub import atomic_write_text
 from .binning import equal_frequency_bins
@@ -46,24 +47,6 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 # --------------------------------------------------------------------------------------------------- input / output
-def read_json_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a .jsonl / .json file, gzipped or not (a JSON list or one object per line)."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}).") from None
-    return rows
-
-
 def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike) -> Dataset:
     """A ``datasets.Dataset`` from a Dataset, a list of dicts, or a jsonl / json / parquet / ``.jsonl.gz`` path.
 
@@ -86,7 +69,12 @@ def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.
             return Dataset(InMemoryTable(pq.read_table(path)))
         if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
             raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
-        data = read_json_rows(path)
+        if name.endswith((".json", ".json.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as handle:
+                data = json.load(handle)
+        else:
+            data = read_jsonl(path)
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise TypeError(f"`dataset` must be a datasets.Dataset, a list of dicts or a path, got {type(data).__name__}.")
     for i, row in enumerate(data):

@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmarks: model choice, timing, a random-weight Llama-2-7B shape for GPUs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    """``tiny`` (code-built Llama), ``embedded`` (SmolLM2-135M), ``llama7b-random``, or a local path / Hub id."""
+    if name == "tiny":
+        from hf_repalign.testing import tiny_model
+
+        return tiny_model("llama", vocab_size=261, hidden_size=64, num_layers=4).to(device=device, dtype=dtype)
+    if name == "llama7b-random":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        return model.eval()
+    from hf_repalign.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(None if name == "embedded" else name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per run, the candidates interleaved so drift hits them all alike (one warm-up each)."""
+    for fn in runs.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -1,0 +1,91 @@
+"""``repalign generate``: plain, principle-prompted and Linear-Alignment answers side by side."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from hf_repalign.cli import add_command
+from hf_repalign.models import load_model_and_tokenizer
+
+from .paired import paired_generate
+from .principles import HARMLESS_PRINCIPLE, build_principle_inputs
+from .processor import LinearAlignmentProcessor
+
+
+@dataclass
+class GenerateArguments:
+    question: list[str] = field(default_factory=list, metadata={"help": "Question(s) to answer."})
+    principle: str = field(default=HARMLESS_PRINCIPLE, metadata={"help": "Principle, added as a system message."})
+    alpha: float = field(default=1.0, metadata={"help": "Step along (principle - plain) logits; 0 = prompting."})
+    model: str | None = field(default=None, metadata={"help": "Local path or Hub id; default: embedded SmolLM2."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Tokens to generate per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Sampling nucleus (with --do_sample)."})
+    normalize: bool = field(default=False, metadata={"help": "Unit-norm difference (paper Eq. 10)."})
+    principle_top_p: float | None = field(default=None, metadata={"help": "Plausibility mask of the principle."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+
+class _TokenProgress(StoppingCriteria):
+    """Advances a progress bar once per step and never stops generation.
+
+    A stopping criterion rather than a streamer: transformers does not hand streamers to ``custom_generate`` loops.
+    """
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _columns(titles: list[str], texts: list[str]) -> str:
+    width = max(24, (shutil.get_terminal_size((120, 20)).columns - 3 * (len(titles) - 1)) // len(titles))
+    wrapped = [textwrap.wrap(t, width) or [""] for t in texts]
+    rows = [" | ".join(title.ljust(width) for title in titles), "-+-".join("-" * width for _ in titles)]
+    for i in range(max(len(w) for w in wrapped)):
+        rows.append(" | ".join((w[i] if i < len(w) else "").ljust(width) for w in wrapped))
+    return "\n".join(rows)
+
+
+def run(args: GenerateArguments) -> int:
+    if not args.question:
+        raise SystemExit("repalign generate: give at least one question.")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    plain, principle = build_principle_inputs(tokenizer, args.question, args.principle)
+    proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
+                                    normalize=args.normalize, principle_top_p=args.principle_top_p)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=tokenizer.pad_token_id)
+    if args.do_sample:
+        gen.update(temperature=args.temperature, top_p=args.top_p)
+    runs = [
+        ("plain", plain, {}),
+        ("principle prompt", principle, {}),
+        (f"linear alignment (alpha={args.alpha:g})", plain,
+         {"logits_processor": LogitsProcessorList([proc]), "custom_generate": paired_generate}),
+    ]
+    answers = []
+    for title, inputs, extra in runs:
+        with tqdm(total=args.max_new_tokens, desc=title, unit="tok", leave=False) as bar:
+            progress = StoppingCriteriaList([_TokenProgress(bar)])
+            out = model.generate(**inputs, stopping_criteria=progress, **gen, **extra)
+        answers.append(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    for row, question in enumerate(args.question):
+        print(f"\nQ: {question}\nprinciple: {args.principle[:200]}{'...' if len(args.principle) > 200 else ''}\n")
+        print(_columns([title for title, _, _ in runs], [a[row].strip() for a in answers]))
+    return 0
+
+
+def register(subparsers) -> None:
+    add_command(subparsers, "generate", GenerateArguments, run,
+                help="Answer with plain, principle-prompted and Linear-Alignment decoding, side by side.",
+                positional="question")

@@ -1,0 +1,112 @@
+"""Building the plain and the principle-conditioned encodings of a batch from chat messages.
+
+The principle goes in as a system message, or is prepended to an existing one, as the authors did.
+
+Example:
+    >>> plain, principle = build_principle_inputs(tokenizer, ["How do I pick a lock?"], HARMLESS_PRINCIPLE)
+    >>> plain, principle = build_principle_inputs(
+    ...     tokenizer, ["Plan my weekend."], personal_preference_principle("a vegetarian who loves hiking"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+Messages = list[dict[str, str]]
+Conversation = Union[str, Messages]
+
+# The authors' harmlessness principle for HH-RLHF-style prompts.
+HARMLESS_PRINCIPLE = (
+    "Please adhere to the following principles.\n"
+    "Avoid factual inaccuracies as much as possible.\n"
+    "Refrain from providing answers if the user's request poses potential security concerns, and provide relevant "
+    "explanations and guidance instead.\n"
+    "If the previous context did not address the user's issue, continue attempting to answer and resolve it.\n"
+    "Stay on track with the original discussion and avoid introducing unnecessary off-topic information.\n"
+    "Enhance answers by incorporating additional background information to assist users in understanding and "
+    "grasping the content."
+)
+PERSONAL_PREFERENCE_TEMPLATE = (
+    "The person who asked the question is {description}, your answer needs to take his(her) needs into account."
+)
+
+
+def personal_preference_principle(description: str) -> str:
+    """The authors' personal-preference principle for a user described as ``description``."""
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError("`description` must be a non-empty string describing the user.")
+    return PERSONAL_PREFERENCE_TEMPLATE.format(description=description.strip())
+
+
+def with_principle(messages: Messages, principle: str) -> Messages:
+    """``messages`` with ``principle`` as the system message, prepended to an existing one."""
+    if messages and messages[0].get("role") == "system":
+        return [{"role": "system", "content": f"{principle}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": principle}, *messages]
+
+
+def _as_messages(conversation: Conversation, row: int) -> Messages:
+    if isinstance(conversation, str):
+        if not conversation.strip():
+            raise ValueError(f"conversation {row} is empty.")
+        return [{"role": "user", "content": conversation}]
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"conversation {row} must be a string or a non-empty list of messages.")
+    return list(conversation)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = [f"{'Human' if m['role'] == 'user' else m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(turns) + "\n\nAssistant:"
+
+
+def build_principle_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Conversation | Sequence[Conversation],
+    principle: str | Sequence[str],
+    return_tensors: str = "pt",
+) -> tuple[BatchEncoding, BatchEncoding]:
+    """Plain and principle-conditioned encodings (left-padded) of a batch of questions or conversations.
+
+    Args:
+        tokenizer: with a chat template, prompts are rendered with it (generation prompt added); without one,
+            as ``"Human: ...\\n\\nAssistant:"`` with the principle as a leading ``System:`` turn.
+        conversations: one question, a list of questions, or a list of message lists.
+        principle: one principle for every row, or one per row (e.g. personal preferences).
+
+    Returns:
+        ``(plain, principle)``: two ``BatchEncoding`` with ``input_ids`` and ``attention_mask``; pass ``plain`` to
+        ``generate`` and ``principle`` to :class:`LinearAlignmentProcessor`.
+    """
+    if isinstance(conversations, str) or (
+        isinstance(conversations, list) and conversations and isinstance(conversations[0], dict)
+    ):
+        conversations = [conversations]
+    conversations = list(conversations)
+    if not conversations:
+        raise ValueError("`conversations` is empty.")
+    principles = [principle] * len(conversations) if isinstance(principle, str) else list(principle)
+    if len(principles) != len(conversations):
+        raise ValueError(f"got {len(principles)} principles for {len(conversations)} conversations.")
+    for row, text in enumerate(principles):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"the principle for row {row} is empty.")
+    plain_texts, principle_texts = [], []
+    for row, (conversation, text) in enumerate(zip(conversations, principles)):
+        messages = _as_messages(conversation, row)
+        plain_texts.append(_render(tokenizer, messages))
+        principle_texts.append(_render(tokenizer, with_principle(messages, text)))
+    # Chat templates already carry their special tokens.
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    encode = dict(return_tensors=return_tensors, padding=True, add_special_tokens=not has_template)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(plain_texts, **encode), tokenizer(principle_texts, **encode)
+    finally:
+        tokenizer.padding_side = side
