@@ -116,7 +116,8 @@ class MarginVector:
         side = tokenizer.padding_side
 
         def embed(batch):
-            return torch.stack(pair_embeddings(model, batch, layer, pooling, side), dim=1)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            return torch.stack(pair_embeddings(model, batch, layer, pooling, side), dim=1).cpu()
 
         bar = tqdm(total=len(items), desc="fit margin vector", disable=not progress)
         with torch.no_grad(), bar:
