@@ -14,4 +14,6 @@ status=0
 run() { local name=$1; shift; echo "== $name"; timeout 900 "$@" 2>&1 | tee "$out/$name.log" || status=1; }
 run la_throughput python benchmarks/la_throughput.py --model llama7b-random --device cuda --dtype bfloat16 \
   --batch 1 8 --prompt-len 128 --principle-len 100 --new-tokens 128 --repeats 3
+run legend_throughput python benchmarks/legend_gpu_throughput.py --model llama7b-random --device cuda --pairs 2000 \
+  --batch_size 32
 exit $status
