@@ -1,5 +1,7 @@
 """hf_repalign: Linear Alignment, RAHF and LEGEND as native Hugging Face building blocks."""
 
+# Importing the legend subpackage registers the "legend-margin" pipeline with transformers.
+from .legend import LegendMarginPipeline, MarginVector
 from .linear_alignment import (
     HARMLESS_PRINCIPLE,
     LinearAlignmentProcessor,
@@ -26,7 +28,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "HARMLESS_PRINCIPLE",
+    "LegendMarginPipeline",
     "LinearAlignmentProcessor",
+    "MarginVector",
     "align_scores",
     "build_principle_inputs",
     "load_model_and_tokenizer",

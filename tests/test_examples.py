@@ -21,3 +21,11 @@ def test_linear_alignment_personal_preferences_example(embedded, capsys):
     assert len(answers) == 3 and all(isinstance(a, str) and a.strip() for a in answers)
     assert answers[2] == answers[0]  # the pipeline reproduces the first row of the batched call
     assert "for a vegetarian" in capsys.readouterr().out
+
+
+@pytest.mark.embedded
+def test_legend_reward_model_example(embedded, tmp_path, capsys):
+    losses = _load("legend_reward_model").main(["--goals", "2", "--pairs", "8", "--steps", "1", "--out", str(tmp_path)])
+    assert len(losses) == 1 and losses[0] > 0
+    assert "columns ['chosen', 'rejected', 'margin_raw', 'margin']" in capsys.readouterr().out
+    assert (tmp_path / "annotated.jsonl").is_file() and (tmp_path / "margin-vector" / "config.json").is_file()

@@ -1,0 +1,331 @@
+"""Annotate a whole preference dataset with LEGEND margins: batched, resumable, data-parallel.
+
+Rows are processed in fixed-size chunks (``checkpoint_every`` rows). Under ``accelerate launch`` each process takes
+a contiguous run of chunks, and the results are gathered back in row order. With ``output=...`` every finished
+chunk is checkpointed next to the output, so ``resume=True`` skips it after an interruption; the output file
+itself only appears, by an atomic rename, once the whole dataset is done.
+
+Example:
+    >>> from hf_repalign.legend import annotate
+    >>> ds = annotate("harmless-base/test.jsonl.gz", margin_vector=vec, model=model, tokenizer=tokenizer,
+    ...               output="harmless_margins.jsonl", resume=True)
+    >>> ds.column_names  # ['chosen', 'rejected', 'margin_raw', 'margin']
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..data_files import read_jsonl
+from ..formats import PreferenceFormatError, to_triplet
+from ..hub import atomic_write_text
+from .binning import equal_frequency_bins
+from .embedding import map_batches
+from .vector import MarginVector
+
+if TYPE_CHECKING:  # `datasets` is imported lazily: the pipeline itself runs without it
+    from datasets import Dataset
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+# --------------------------------------------------------------------------------------------------- input / output
+def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike) -> Dataset:
+    """A ``datasets.Dataset`` from a Dataset, a list of dicts, or a jsonl / json / parquet / ``.jsonl.gz`` path.
+
+    Lists and files are checked row by row before conversion, so a bad row is reported by number rather than as
+    an Arrow type error.
+    """
+    from datasets import Dataset
+
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"`dataset`: {path} does not exist.")
+        name = path.name.lower()
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            from datasets.table import InMemoryTable
+
+            return Dataset(InMemoryTable(pq.read_table(path)))
+        if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
+        if name.endswith((".json", ".json.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as handle:
+                data = json.load(handle)
+        else:
+            data = read_jsonl(path)
+    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        raise TypeError(f"`dataset` must be a datasets.Dataset, a list of dicts or a path, got {type(data).__name__}.")
+    for i, row in enumerate(data):
+        if not isinstance(row, Mapping):
+            raise PreferenceFormatError(f"row {i}: expected a dict, got {type(row).__name__}.")
+        to_triplet(row, i)
+    return Dataset.from_list([dict(row) for row in data])
+
+
+def usable_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """Split rows into those that form a valid preference triplet and the errors of the others.
+
+    ``annotate`` refuses bad rows; use this to drop them explicitly (e.g. HH-RLHF's few empty responses) and keep
+    the messages for your report.
+    """
+    good, errors = [], []
+    for i, row in enumerate(rows):
+        try:
+            to_triplet(row, i)
+        except PreferenceFormatError as err:
+            errors.append(str(err))
+        else:
+            good.append(row)
+    return good, errors
+
+
+def write_dataset(dataset: Dataset, path: str | os.PathLike) -> Path:
+    """Write ``dataset`` to ``path`` (.jsonl, .json or .parquet) through a temp file and an atomic rename."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"`output`: unsupported suffix {path.suffix!r} in {path}; use one of {OUTPUT_SUFFIXES}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if path.suffix == ".parquet":
+            os.close(fd)
+            dataset.to_parquet(tmp)
+        else:  # json.dumps keeps floats exact (pandas' writer rounds to 15 digits)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                rows = (json.dumps(row, ensure_ascii=False) for row in dataset)
+                if path.suffix == ".jsonl":
+                    handle.writelines(line + "\n" for line in rows)
+                else:
+                    handle.write("[" + ",\n".join(rows) + "]\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def _parts_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.parts")
+
+
+def _run_fingerprint(dataset: Dataset, vector: MarginVector, model_name: str, settings: Mapping[str, Any]) -> dict:
+    digest = hashlib.sha256()
+    fields = [f for f in PREFERENCE_FIELDS if f in dataset.column_names]
+    for row in dataset.select_columns(fields):
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return {"rows": len(dataset), "data_sha256": digest.hexdigest(), "vector": vector.fingerprint(),
+            "model": model_name, **{k: repr(v) for k, v in settings.items()}}
+
+
+def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialState) -> None:
+    manifest = parts / "manifest.json"
+    if state.is_main_process:
+        if parts.is_dir() and resume and manifest.is_file():
+            found = json.loads(manifest.read_text())
+            if found != fingerprint:
+                changed = sorted(k for k in fingerprint if found.get(k) != fingerprint[k])
+                raise ValueError(
+                    f"resume=True but the checkpoints in {parts} come from a different run (differs in {changed}); "
+                    "rerun with resume=False to start over."
+                )
+        else:
+            if parts.is_dir():
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True)
+            atomic_write_text(manifest, json.dumps(fingerprint, indent=2, sort_keys=True))
+    state.wait_for_everyone()
+
+
+def _sync_error(state: PartialState, error: Exception | None) -> None:
+    """Raise the first process's input error on every process, so none waits forever at the next gather."""
+    messages = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+    if error is not None:
+        raise error
+    failed = [m for m in messages if m is not None]
+    if failed:
+        raise PreferenceFormatError(f"another process failed: {failed[0]}")
+
+
+# --------------------------------------------------------------------------------------------------- annotation
+def distributed_state() -> PartialState:
+    """The ``accelerate`` process state; CPU-only launches (no accelerator, or ``--cpu``) use the gloo backend."""
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes != world:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={world} but accelerate's state has {state.num_processes} process(es): a "
+            "PartialState() was created before annotate() without cpu=True on a machine without an accelerator; "
+            "create it with hf_repalign.legend.annotate.distributed_state() instead."
+        )
+    return state
+
+
+def annotate_with(
+    pipe,
+    data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike,
+    num_bins: int | None = 10,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    batch_size: int | None = None,
+    window: int | None = None,
+    checkpoint_every: int = 512,
+    progress: bool = True,
+    **call_kwargs,
+) -> Dataset:
+    """Annotate ``data`` with ``pipe`` (a :class:`LegendMarginPipeline`).
+
+    Returns the dataset with every input column in the original order plus ``margin_raw`` (float) and ``margin``:
+    equal-frequency bins ``k / num_bins``, or ``margin_raw`` itself when ``num_bins=None``. ``call_kwargs`` are the
+    pipeline's parameters (``margin_vector``, ``template``, ``max_length``, ``truncation``). Rows that had their
+    prompt cut (``truncation="left"``) are counted in a warning and listed in ``pipe.last_truncated_rows``.
+    """
+    if num_bins is not None and (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1):
+        raise ValueError(f"`num_bins` must be a positive integer or None, got {num_bins!r}.")
+    if checkpoint_every < 1:
+        raise ValueError(f"`checkpoint_every` must be >= 1, got {checkpoint_every}.")
+    if resume and output is None:
+        raise ValueError("resume=True needs `output`: checkpoints are kept next to the output file.")
+    if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"`output`: unsupported suffix in {output}; use one of {OUTPUT_SUFFIXES}.")
+    dataset = load_preference_data(data)
+    preprocess_params, forward_params, _ = pipe._sanitize_parameters(**call_kwargs)
+    preprocess_params = {**pipe._preprocess_params, **preprocess_params}
+    forward_params = {**pipe._forward_params, **forward_params}
+    vector = forward_params.get("margin_vector")
+    if vector is None:
+        raise ValueError("no `margin_vector`: pass one to pipeline(...) or to annotate(...).")
+    batch_size = batch_size or pipe._batch_size or 8
+
+    state = distributed_state()
+    n = len(dataset)
+    chunks = [(start, min(start + checkpoint_every, n)) for start in range(0, n, checkpoint_every)]
+    with state.split_between_processes(list(range(len(chunks)))) as mine:
+        mine = list(mine)
+    parts = None
+    if output is not None:
+        parts = _parts_dir(Path(output))
+        settings = {"chunk": checkpoint_every, **{k: v for k, v in preprocess_params.items() if k != "margin_vector"}}
+        _prepare_parts(parts, _run_fingerprint(dataset, vector, str(pipe.model.config.name_or_path), settings),
+                       resume, state)
+
+    def chunk_file(index: int) -> Path:
+        return parts / f"chunk-{index:06d}.json"
+
+    # Encode every row this process still has to compute before any forward, so bad input fails fast.
+    todo = [c for c in mine if not (parts is not None and chunk_file(c).is_file())]
+    encoded: dict[int, list] = {}
+    error = None
+    try:
+        for c in todo:
+            start, stop = chunks[c]
+            encoded[c] = [pipe.encode(row, start + i, **preprocess_params)
+                          for i, row in enumerate(dataset.select(range(start, stop)))]
+    except (PreferenceFormatError, ValueError) as err:
+        error = err
+    _sync_error(state, error)
+
+    results = []
+    total = sum(chunks[c][1] - chunks[c][0] for c in mine)
+    where = f" (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else ""
+    bar = tqdm(total=total, desc=f"legend-margin{where}", unit="pair", disable=not (progress and state.is_main_process))
+    with bar:
+        for c in mine:
+            start, stop = chunks[c]
+            if c not in encoded:
+                saved = json.loads(chunk_file(c).read_text())
+                results.append((c, saved["margin_raw"], saved["truncated_rows"]))
+                bar.update(stop - start)
+                continue
+            pairs = encoded.pop(c)
+            truncated = [start + i for i, (_, sides) in enumerate(pairs) if sides]
+            margins = map_batches([item for item, _ in pairs], lambda b: pipe.forward(b, **forward_params)["margin_raw"],
+                                  pipe.tokenizer, batch_size, window, bar).tolist()
+            if parts is not None:
+                atomic_write_text(chunk_file(c), json.dumps({"start": start, "stop": stop, "margin_raw": margins,
+                                                             "truncated_rows": truncated}))
+            results.append((c, margins, truncated))
+    gathered = sorted(gather_object(results), key=lambda r: r[0])
+    margins = [m for _, chunk_margins, _ in gathered for m in chunk_margins]
+    truncated = [row for _, _, rows in gathered for row in rows]
+    if len(margins) != n:
+        raise RuntimeError(f"gathered {len(margins)} margins for {n} rows; the processes disagree on the data.")
+    pipe.last_truncated_rows = truncated
+    if truncated:
+        logger.warning(
+            f"cut the prompt from the left in {len(truncated)} of {n} rows to fit max_length (truncation='left'); "
+            f"first rows: {truncated[:10]}."
+        )
+    annotated = add_margin_columns(dataset, margins, num_bins)
+    if output is not None:
+        if state.is_main_process:
+            write_dataset(annotated, output)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(parts, ignore_errors=True)
+    return annotated
+
+
+def add_margin_columns(dataset: Dataset, margins: Sequence[float], num_bins: int | None) -> Dataset:
+    """``dataset`` plus ``margin_raw`` and ``margin`` (binned, or raw when ``num_bins=None``), rows in order."""
+    binned = list(margins) if num_bins is None else equal_frequency_bins(margins, num_bins)
+    existing = [c for c in ("margin_raw", "margin") if c in dataset.column_names]
+    if existing:
+        logger.warning(f"replacing the existing column(s) {existing} with new LEGEND margins.")
+        dataset = dataset.remove_columns(existing)
+    return dataset.add_column("margin_raw", [float(m) for m in margins]).add_column("margin", binned)
+
+
+def annotate(
+    data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike,
+    margin_vector: MarginVector,
+    model: Any = None,
+    tokenizer: Any = None,
+    num_bins: int | None = 10,
+    batch_size: int = 8,
+    device: str | int | torch.device | None = None,
+    **kwargs,
+) -> Dataset:
+    """One-call annotation: builds the ``legend-margin`` pipeline and runs :meth:`LegendMarginPipeline.annotate`.
+
+    ``model`` is a loaded model (give ``tokenizer`` too), a path / Hub id, or ``None`` for the embedded model.
+    Under ``accelerate launch`` each process runs on its own device.
+    """
+    from transformers import pipeline
+
+    from ..models import load_model_and_tokenizer
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_model_and_tokenizer(model)
+    elif tokenizer is None:
+        raise ValueError("`tokenizer` is required when `model` is a loaded model.")
+    state = distributed_state()
+    if device is None:
+        device = state.device if state.num_processes > 1 else model.device
+    model.to(device)
+    pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=margin_vector,
+                    batch_size=batch_size, device=device)
+    return pipe.annotate(data, num_bins=num_bins, **kwargs)

@@ -1,0 +1,127 @@
+"""``repalign legend fit-vector`` and ``repalign legend annotate``.
+
+Example:
+    $ repalign legend fit-vector --prompts ../shared/data/advbench/harmful_behaviors.csv --num_prompts 100 \\
+        --output out/margin-vector
+    $ repalign legend annotate --dataset ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz \\
+        --vector out/margin-vector --output out/harmless_margins.jsonl --resume
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.utils import logging
+
+from ..cli import add_command
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FitVectorArguments:
+    """Fit a LEGEND margin vector from harmful prompts (model answers vs a refusal)."""
+
+    prompts: str = field(metadata={"help": "File of harmful prompts: .csv (column --prompt_column), .txt, .jsonl."})
+    output: str = field(metadata={"help": "Folder to save the vector to (safetensors + config.json + card)."})
+    model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
+    prompt_column: str = field(default="goal", metadata={"help": "Prompt column in .csv / .jsonl files."})
+    harmful_column: str | None = field(
+        default=None, metadata={"help": "Take harmful responses from this column instead of generating them."}
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    refusal: str = field(default="I can't answer that.", metadata={"help": "The fixed harmless response."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated harmful responses."})
+    layer: int = field(default=-1, metadata={"help": "Hidden-state index (output_hidden_states); -1 = final norm."})
+    pooling: str = field(default="last", metadata={"help": "'last' token or 'mean' over response tokens."})
+    template: str | None = field(
+        default=None, metadata={"help": "Format string with {prompt} and {response}; default: chat template."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the vector to this repo id."})
+
+
+@dataclass
+class AnnotateArguments:
+    """Add LEGEND `margin_raw` and binned `margin` columns to a preference dataset."""
+
+    dataset: str = field(metadata={"help": "Preference data: .jsonl, .json, .parquet or HH-RLHF .jsonl.gz."})
+    vector: str = field(metadata={"help": "Margin vector folder or Hub repo id (from fit-vector)."})
+    output: str = field(metadata={"help": "Output file: .jsonl, .json or .parquet (written atomically)."})
+    model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
+    num_bins: int | None = field(default=10, metadata={"help": "Equal-frequency bins; 0 keeps raw margins."})
+    batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
+    max_length: int | None = field(default=None, metadata={"help": "Longest sequence; default: model context."})
+    truncation: str = field(default="error", metadata={"help": "'error' refuses longer rows, 'left' cuts prompts."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the checkpoints of an interrupted run."})
+    checkpoint_every: int = field(default=512, metadata={"help": "Rows per checkpointed chunk."})
+
+
+def read_prompts(path: str | Path, column: str, limit: int | None = None, harmful_column: str | None = None):
+    """``(prompts, harmful responses or None)`` from a .csv, .jsonl or .txt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--prompts: {path} does not exist.")
+    if path.suffix == ".txt":
+        if harmful_column:
+            raise SystemExit("--harmful_column needs a .csv or .jsonl file.")
+        rows = [{column: line} for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    elif path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise SystemExit(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
+    rows = rows[:limit] if limit else rows
+    for wanted in filter(None, (column, harmful_column)):
+        missing = [i for i, row in enumerate(rows) if not isinstance(row.get(wanted), str) or not row[wanted].strip()]
+        if missing:
+            raise SystemExit(f"--prompts: {path} row(s) {missing[:10]} have no text in column {wanted!r}.")
+    harmful = [row[harmful_column] for row in rows] if harmful_column else None
+    return [row[column] for row in rows], harmful
+
+
+def run_fit_vector(args: FitVectorArguments) -> int:
+    from ..models import load_model_and_tokenizer
+    from .vector import MarginVector
+
+    prompts, harmful = read_prompts(args.prompts, args.prompt_column, args.num_prompts, args.harmful_column)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    vec = MarginVector.induce(
+        model, tokenizer, prompts, refusal=args.refusal, harmful_responses=harmful,
+        max_new_tokens=args.max_new_tokens, layer=args.layer, pooling=args.pooling, template=args.template,
+        batch_size=args.batch_size, progress=True,
+    )
+    path = vec.save_pretrained(args.output)
+    print(f"saved {vec} to {path}")
+    if args.push_to_hub:
+        print(vec.push_to_hub(args.push_to_hub))
+    return 0
+
+
+def run_annotate(args: AnnotateArguments) -> int:
+    from .annotate import annotate
+    from .vector import MarginVector
+
+    vec = MarginVector.from_pretrained(args.vector)
+    dataset = annotate(
+        args.dataset, vec, model=args.model, num_bins=args.num_bins or None, batch_size=args.batch_size,
+        output=args.output, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        max_length=args.max_length, truncation=args.truncation,
+    )
+    positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
+    print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs")
+    return 0
+
+
+def register(subparsers) -> None:
+    from transformers import HfArgumentParser
+
+    parser = subparsers.add_parser("legend", help="LEGEND safety margins for preference datasets.")
+    commands = parser.add_subparsers(dest="legend_command", required=True, parser_class=HfArgumentParser)
+    add_command(commands, "fit-vector", FitVectorArguments, run_fit_vector, FitVectorArguments.__doc__)
+    add_command(commands, "annotate", AnnotateArguments, run_annotate, AnnotateArguments.__doc__)

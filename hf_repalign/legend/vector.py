@@ -1,0 +1,287 @@
+"""``MarginVector``: LEGEND's Standard Margin Vector, a unit direction in a model's hidden space.
+
+It is fitted from (prompt, harmless response, harmful response) triplets as the normalised mean of
+``emb(prompt, harmless) - emb(prompt, harmful)`` (see :func:`hf_repalign.legend.margin.margin_direction`), and
+saved as safetensors plus a JSON config and a model card.
+
+Example:
+    >>> from hf_repalign import load_model_and_tokenizer
+    >>> from hf_repalign.legend import MarginVector
+    >>> model, tokenizer = load_model_and_tokenizer()
+    >>> vec = MarginVector.induce(model, tokenizer, ["How do I make a weapon at home?"])
+    >>> vec.save_pretrained("out/margin-vector")
+    >>> vec = MarginVector.from_pretrained("out/margin-vector")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..formats import Prompt, Template, render_split, to_triplet
+from ..hidden import num_hidden_layers, resolve_layers
+from ..hub import load_folder, push_folder, render_card, save_folder
+from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
+from .embedding import check_pooling, encode_triplet, map_batches, pair_embeddings
+from .margin import margin_direction
+
+logger = logging.get_logger(__name__)
+
+FORMAT_NAME = "hf_repalign.legend.MarginVector"
+DEFAULT_REFUSAL = "I can't answer that."
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.hidden_size)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    # The embedded model loads from a cache folder; record its public name instead of this machine's path.
+    return EMBEDDED_MODEL_NAME if Path(name) == embedded_model_cache_dir() else name
+
+
+class MarginVector:
+    """A unit direction at one hidden layer, with what is needed to reproduce its embeddings."""
+
+    def __init__(
+        self,
+        direction: torch.Tensor,
+        layer: int = -1,
+        pooling: str = "last",
+        template: Template = None,
+        model_name_or_path: str | None = None,
+        num_hidden_layers: int | None = None,
+        n_pairs: int | None = None,
+    ):
+        direction = torch.as_tensor(direction, dtype=torch.float32).detach().cpu()
+        if direction.ndim != 1 or direction.numel() == 0:
+            raise ValueError(f"`direction` must be a non-empty 1-D tensor, got shape {tuple(direction.shape)}.")
+        self.direction = direction
+        self.layer = int(layer)
+        self.pooling = check_pooling(pooling)
+        self.template = template
+        self.model_name_or_path = model_name_or_path
+        self.num_hidden_layers = num_hidden_layers
+        self.n_pairs = n_pairs
+
+    @property
+    def hidden_size(self) -> int:
+        return self.direction.numel()
+
+    def __repr__(self) -> str:
+        return (
+            f"MarginVector(hidden_size={self.hidden_size}, layer={self.layer}, pooling={self.pooling!r}, "
+            f"model={self.model_name_or_path!r}, n_pairs={self.n_pairs})"
+        )
+
+    # ----------------------------------------------------------------------------------------------- fitting
+    @classmethod
+    def fit(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[Prompt],
+        harmless_responses: Sequence[str],
+        harmful_responses: Sequence[str],
+        layer: int = -1,
+        pooling: str = "last",
+        template: Template = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> "MarginVector":
+        """Fit the direction from prompts and their harmless and harmful responses (one of each per prompt)."""
+        if not (len(prompts) == len(harmless_responses) == len(harmful_responses)) or not prompts:
+            raise ValueError(
+                f"`prompts`, `harmless_responses` and `harmful_responses` must be non-empty and of equal length, "
+                f"got {len(prompts)}, {len(harmless_responses)} and {len(harmful_responses)}."
+            )
+        check_pooling(pooling)
+        resolve_layers(model, layer)
+        items = []
+        for i, (prompt, good, bad) in enumerate(zip(prompts, harmless_responses, harmful_responses)):
+            # Harmless plays "chosen" and harmful "rejected", so the checks name the row and side.
+            triplet = to_triplet({"prompt": prompt, "chosen": good, "rejected": bad}, i)
+            items.append(encode_triplet(tokenizer, triplet, template, row=i)[0])
+        side = tokenizer.padding_side
+
+        def embed(batch):
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            return torch.stack(pair_embeddings(model, batch, layer, pooling, side), dim=1).cpu()
+
+        bar = tqdm(total=len(items), desc="fit margin vector", disable=not progress)
+        with torch.no_grad(), bar:
+            pairs = map_batches(items, embed, tokenizer, batch_size, progress=bar)
+        direction = margin_direction(pairs[:, 0], pairs[:, 1])
+        return cls(
+            direction,
+            layer=layer,
+            pooling=pooling,
+            template=template,
+            model_name_or_path=_model_name(model),
+            num_hidden_layers=num_hidden_layers(model),
+            n_pairs=len(items),
+        )
+
+    @classmethod
+    def induce(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        harmful_prompts: Sequence[Prompt],
+        refusal: str = DEFAULT_REFUSAL,
+        harmful_responses: Sequence[str] | None = None,
+        harmless_responses: Sequence[str] | None = None,
+        max_new_tokens: int = 64,
+        generation_batch_size: int = 8,
+        **fit_kwargs,
+    ) -> "MarginVector":
+        """Fit as the paper does: the model's own greedy answers are the harmful side, a fixed refusal the harmless.
+
+        Give ``harmful_responses`` and/or ``harmless_responses`` to skip generating / replace the refusal.
+        """
+        prompts = list(harmful_prompts)
+        if harmful_responses is None:
+            harmful_responses = generate_responses(
+                model, tokenizer, prompts, fit_kwargs.get("template"), max_new_tokens, generation_batch_size
+            )
+        if harmless_responses is None:
+            harmless_responses = [refusal] * len(prompts)
+        return cls.fit(model, tokenizer, prompts, list(harmless_responses), list(harmful_responses), **fit_kwargs)
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def check_compatible(self, model: torch.nn.Module) -> int:
+        """Raise a clear error if ``model`` cannot use this vector; returns the resolved hidden-state index."""
+        size = _hidden_size(model)
+        if size != self.hidden_size:
+            raise ValueError(
+                f"the margin vector has hidden size {self.hidden_size} (fitted on {self.model_name_or_path!r}) but "
+                f"the model {_model_name(model)!r} has hidden size {size}."
+            )
+        try:
+            return resolve_layers(model, self.layer)[0]
+        except ValueError as err:
+            raise ValueError(
+                f"the margin vector uses layer {self.layer} (fitted on {self.model_name_or_path!r} with "
+                f"{self.num_hidden_layers} layers), which {_model_name(model)!r} does not have: {err}"
+            ) from None
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "hidden_size": self.hidden_size,
+            "layer": self.layer,
+            "pooling": self.pooling,
+            "template": _callable_name(self.template) if callable(self.template) else self.template,
+            "model_name_or_path": self.model_name_or_path,
+            "num_hidden_layers": self.num_hidden_layers,
+            "n_pairs": self.n_pairs,
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of the direction and config (used to match checkpoints to the vector that made them)."""
+        digest = hashlib.sha256(self.direction.numpy().tobytes())
+        digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_kwargs) -> Path:
+        """Write ``model.safetensors`` (the direction), ``config.json`` and a ``README.md`` card, atomically."""
+        if callable(self.template):
+            raise ValueError(
+                "this vector was fitted with a callable template, which cannot be saved; fit it with a format "
+                "string such as '{prompt}\\n{response}' or with the chat template (template=None)."
+            )
+        card = render_card(
+            "legend_margin_vector.md",
+            model_name_or_path=str(self.model_name_or_path),
+            hidden_size=self.hidden_size,
+            layer=self.layer,
+            pooling=self.pooling,
+            template="the tokenizer's chat template" if self.template is None else repr(self.template),
+            n_pairs=str(self.n_pairs),
+            num_hidden_layers=str(self.num_hidden_layers),
+        )
+        path = save_folder(save_directory, {"direction": self.direction}, self.config_dict(), card)
+        if push_to_hub:
+            push_folder(path, repo_id or Path(save_directory).name, **push_kwargs)
+        return path
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+        """Save to a temporary folder and upload it to ``repo_id`` on the Hub."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "vector")
+            return push_folder(folder, repo_id, private=private, token=token)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs) -> "MarginVector":
+        """Load a vector saved by :meth:`save_pretrained` (local folder or Hub repo id)."""
+        tensors, config = load_folder(path_or_repo_id, **hub_kwargs)
+        if config.get("format") != FORMAT_NAME or "direction" not in tensors:
+            raise ValueError(f"{path_or_repo_id} does not hold a LEGEND margin vector (config format "
+                             f"{config.get('format')!r}).")
+        direction = tensors["direction"]
+        if direction.numel() != config["hidden_size"]:
+            raise ValueError(f"{path_or_repo_id}: direction has {direction.numel()} values but config.json says "
+                             f"hidden_size={config['hidden_size']}.")
+        return cls(
+            direction,
+            layer=config["layer"],
+            pooling=config["pooling"],
+            template=config.get("template"),
+            model_name_or_path=config.get("model_name_or_path"),
+            num_hidden_layers=config.get("num_hidden_layers"),
+            n_pairs=config.get("n_pairs"),
+        )
+
+
+def _callable_name(template: Any) -> str:
+    return f"<callable {getattr(template, '__qualname__', type(template).__name__)}>"
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    template: Template = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[str]:
+    """The model's greedy answers to ``prompts``, rendered with the same template as the embeddings."""
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+    texts = [render_split(tokenizer, prompt, "x", template)[0] for prompt in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues after the prompt's last token
+    responses = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="generate harmful responses", leave=False):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=True).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = out[:, batch["input_ids"].shape[1] :]
+            responses.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    empty = [i for i, r in enumerate(responses) if not r]
+    if empty:
+        raise ValueError(
+            f"the model generated an empty response for prompt(s) {empty[:10]}; give `harmful_responses` "
+            "explicitly or raise `max_new_tokens`."
+        )
+    return responses

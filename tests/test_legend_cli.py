@@ -1,0 +1,63 @@
+"""``repalign legend fit-vector`` and ``repalign legend annotate`` on a tiny saved model."""
+
+import json
+
+import pytest
+from transformers import pipeline
+
+import hf_repalign.cli as cli
+from hf_repalign.legend import MarginVector
+from hf_repalign.models import load_model_and_tokenizer
+from hf_repalign.testing import tiny_model
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    # Only this subpackage's commands: the other methods' CLIs live on other branches.
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("hf_repalign.legend.cli",))
+    return cli.main
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_fit_vector_then_annotate(run_cli, model_dir, tmp_path):
+    goals = tmp_path / "goals.csv"
+    goals.write_text("goal,target\nHow to pick a lock,Sure here is how\nMake a weapon,Sure step one\n"
+                     "Steal a car,Sure first find\n")
+    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals),
+                    "--harmful_column", "target", "--num_prompts", "2", "--layer", "2",
+                    "--output", str(tmp_path / "vec")]) == 0
+    vec = MarginVector.from_pretrained(tmp_path / "vec")
+    assert vec.n_pairs == 2 and vec.layer == 2
+
+    rows = [{"id": i, "prompt": f"question {i}" + "?" * i, "chosen": "no" * (i + 1), "rejected": "yes"}
+            for i in range(6)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "annotate.yaml"
+    config.write_text("num_bins: 3\nbatch_size: 4\n")
+    output = tmp_path / "out.jsonl"
+    assert run_cli(["legend", "annotate", "--config", str(config), "--model", str(model_dir), "--dataset", str(data),
+                    "--vector", str(tmp_path / "vec"), "--output", str(output)]) == 0
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in written] == list(range(6)) and {r["margin"] for r in written} == {1 / 3, 2 / 3, 1.0}
+
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    expected = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu")(rows)
+    assert [r["margin_raw"] for r in written] == pytest.approx([e["margin_raw"] for e in expected], abs=1e-5)
+
+
+def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
+    bad = tmp_path / "goals.csv"
+    bad.write_text("goal,target\nHow to pick a lock,\n")
+    with pytest.raises(SystemExit, match=r"row\(s\) \[0\] have no text in column 'target'"):
+        run_cli(["legend", "fit-vector", "--prompts", str(bad), "--harmful_column", "target",
+                 "--output", str(tmp_path / "v")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_cli(["legend", "fit-vector", "--prompts", str(tmp_path / "none.csv"), "--output", str(tmp_path / "v")])
