@@ -16,4 +16,6 @@ run la_throughput python benchmarks/la_throughput.py --model llama7b-random --de
   --batch 1 8 --prompt-len 128 --principle-len 100 --new-tokens 128 --repeats 3
 run legend_throughput python benchmarks/legend_gpu_throughput.py --model llama7b-random --device cuda --pairs 2000 \
   --batch_size 32
+run rahf_step python benchmarks/rahf_step.py --model llama7b-random --device cuda --dtype bfloat16 --backend plain \
+  --batch 8 --prompt-len 256 --response-len 64 --repeats 5 --out "$out/rahf_step.json"
 exit $status
