@@ -126,7 +126,7 @@ def to_triplet(example: Mapping[str, Any], row: int | None = None) -> Preference
             f"{'row ' + str(row) + ': ' if row is not None else ''}missing column(s) {missing}; a preference row "
             f"needs `chosen` and `rejected` (and optionally `prompt`), got {sorted(example)}."
         )
-    if "prompt" not in example or example["prompt"] is None and _is_conversational(example["chosen"]):
+    if example.get("prompt") is None:  # absent, or None in a dataset that mixes explicit and implicit rows
         return split_implicit(example["chosen"], example["rejected"], row)
     prompt = example["prompt"]
     if _is_conversational(prompt):

@@ -48,6 +48,10 @@ def test_bad_rows_name_row_and_field(row, message):
         to_triplet(row, 3)
 
 
+def test_none_prompt_means_implicit():
+    assert to_triplet({**HH, "prompt": None}) == to_triplet(HH)
+
+
 def test_triplets_number_rows():
     with pytest.raises(PreferenceFormatError, match="row 1"):
         triplets([HH, {"chosen": "x"}])
