@@ -52,7 +52,7 @@ def _apply_yaml(parser: HfArgumentParser, args_class: type, path: Path) -> None:
 
 
 # Each module has ``register(subparsers)``; importing lazily keeps ``repalign --help`` fast.
-COMMAND_MODULES = ("hf_repalign.linear_alignment.cli", "hf_repalign.legend.cli")
+COMMAND_MODULES = ("hf_repalign.linear_alignment.cli", "hf_repalign.legend.cli", "hf_repalign.rahf.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

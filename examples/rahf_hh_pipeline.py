@@ -1,0 +1,75 @@
+"""RAHF end to end on the embedded SmolLM2-135M-Instruct: SCIT (a LoRA) -> RAHF adapter -> plain PEFT inference.
+
+    python examples/rahf_hh_pipeline.py --rows 16 --steps 8 --out outputs/rahf_example
+
+Uses the first ``--rows`` pairs of HH-RLHF helpful-base from ``../shared/data`` (or a few built-in pairs when
+the folder is absent). The saved adapter is a standard PEFT folder: nothing from hf_repalign is needed to use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
+
+from hf_repalign.data_files import read_jsonl, shared_data_dir
+from hf_repalign.models import load_model_and_tokenizer
+from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer
+
+HH = shared_data_dir() / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+FALLBACK = [
+    {"prompt": "How do I keep basil fresh?", "chosen": "Trim the stems and keep it in water on the counter.",
+     "rejected": "Just throw it away."},
+    {"prompt": "What's a good name for a cat?", "chosen": "Maybe Miso, Pepper or Luna.", "rejected": "Cat."},
+]
+
+
+def load_rows(n: int) -> list[dict]:
+    if not HH.is_file():
+        return FALLBACK[:n]
+    return read_jsonl(HH)[:n]
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default="outputs/rahf_example")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows = load_rows(args.rows)
+    common = dict(per_device_train_batch_size=1, max_steps=args.steps, learning_rate=2e-4, report_to="none",
+                  save_strategy="no", use_cpu=True, logging_steps=1)
+
+    # Step 1: SCIT teaches one model the contrast between the preferred and dispreferred instructions.
+    model, tokenizer = load_model_and_tokenizer()
+    scit = SCITTrainer(model.train(), SCITConfig(output_dir=str(out / "scit"), max_length=384, **common),
+                       train_dataset=rows, processing_class=tokenizer,
+                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    scit.train()
+    scit.model.save_pretrained(str(out / "scit"))
+
+    # Step 2: a fresh LoRA on the base model moves the target layers along A(p+) - A(p-) of the SCIT adapter.
+    base, _ = load_model_and_tokenizer()
+    rahf = RAHFTrainer(base.train(), RAHFConfig(output_dir=str(out / "rahf"), alpha=5.0, max_prompt_length=256,
+                                                dataset_name="Anthropic/hh-rlhf helpful-base", **common),
+                       train_dataset=rows, processing_class=tokenizer, instructed=str(out / "scit"))
+    rahf.train()
+    folder = rahf.save_pretrained(out / "rahf_adapter")
+    print(f"RAHF adapter (standard PEFT) in {folder}; layers {rahf.layers}")
+
+    # Use it with plain transformers + peft.
+    aligned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(folder)).eval()
+    messages = [{"role": "user", "content": "How can I get better sleep?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    generated = aligned.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(answer)
+    return answer
+
+
+if __name__ == "__main__":
+    main()

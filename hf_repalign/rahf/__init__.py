@@ -1,0 +1,35 @@
+"""RAHF (Liu et al., 2024): SCIT or Dual instructed models, activity patterns, and representation alignment.
+
+Names load lazily, so ``hf_repalign.rahf.trainer`` works without ``trl``/``datasets`` (only Dual needs TRL).
+
+Example:
+    >>> from hf_repalign.rahf import SCITConfig, SCITTrainer, RAHFConfig, RAHFTrainer
+"""
+
+import importlib
+
+_EXPORTS = {
+    "DualConfig": "dual",
+    "train_dual": "dual",
+    "DISPREFERRED_INSTRUCTION": "instructions",
+    "PREFERRED_INSTRUCTION": "instructions",
+    "PROMPT_FORMAT": "instructions",
+    "instructed_template": "instructions",
+    "activity_patterns": "patterns",
+    "align_stimuli": "patterns",
+    "default_target_layers": "patterns",
+    "difference_vectors": "patterns",
+    "SCITConfig": "scit",
+    "SCITTrainer": "scit",
+    "scit_loss": "scit",
+    "RAHFConfig": "trainer",
+    "RAHFTrainer": "trainer",
+    "rahf_loss": "trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

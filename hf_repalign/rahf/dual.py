@@ -1,0 +1,134 @@
+"""RAHF step 1b (Dual): a "good" model trained by maximum likelihood on the chosen responses and a "bad" one on
+the rejected responses, loss on the response tokens only.
+
+With a ``peft_config`` both are LoRA adapters ("good", "bad") on one base model, so step 2 holds one copy of
+the base weights; without it, two full copies are fine-tuned. Training itself is TRL's ``SFTTrainer`` on
+pre-tokenized ``input_ids`` + ``completion_mask`` built with the same templates as the RAHF stimuli.
+
+Example:
+    >>> from hf_repalign.rahf import DualConfig, train_dual
+    >>> paths = train_dual(model, tokenizer, prefs, DualConfig(output_dir="out/dual", max_steps=50),
+    ...                    peft_config=LoraConfig(r=8, task_type="CAUSAL_LM"))
+    >>> paths  # {"good": Path("out/dual/good"), "bad": Path("out/dual/bad")}: adapter folders
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+
+from ..formats import encode_pair, to_triplet
+from .instructions import instructed_template
+
+logger = logging.get_logger(__name__)
+
+SIDES = {"good": "chosen", "bad": "rejected"}
+
+
+@dataclass
+class DualConfig(SFTConfig):
+    """``SFTConfig`` plus how the preference rows are rendered; ``output_dir/good`` and ``output_dir/bad`` get the
+    two models."""
+
+    good_instruction: str = field(default="", metadata={"help": "Instruction in the good model's prompts."})
+    bad_instruction: str = field(default="", metadata={"help": "Instruction in the bad model's prompts."})
+    prompt_format: str | None = field(default=None, metadata={"help": "Format with {query}; default as SCIT."})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on response tokens only."})
+
+
+def build_dual_examples(
+    rows: dict[str, list], indices: list[int], tokenizer: Any, side: str, instruction: str,
+    prompt_format: str | None,
+) -> dict[str, list]:
+    """Batched ``datasets.map`` function: preference rows -> ``input_ids`` + ``completion_mask`` of one side."""
+    template = instructed_template(tokenizer, instruction, prompt_format)
+    out: dict[str, list] = {"input_ids": [], "completion_mask": []}
+    names = list(rows)
+    for j, row_index in enumerate(indices):
+        triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
+        ids, n_prompt = encode_pair(tokenizer, triplet.prompt, getattr(triplet, side), template)
+        out["input_ids"].append(ids)
+        out["completion_mask"].append([0] * n_prompt + [1] * (len(ids) - n_prompt))
+    return out
+
+
+def dual_dataset(dataset: Any, tokenizer: Any, side: str, instruction: str = "",
+                 prompt_format: str | None = None) -> Dataset:
+    """The SFT dataset of one side (``"chosen"`` or ``"rejected"``) of a preference dataset."""
+    if isinstance(dataset, list):
+        dataset = Dataset.from_list(dataset)
+    return dataset.map(
+        build_dual_examples, batched=True, with_indices=True, remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "side": side, "instruction": instruction, "prompt_format": prompt_format},
+        desc=f"Tokenizing {side} responses",
+    )
+
+
+def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
+    """A standard adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for adapter ``name``."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+    config = copy.deepcopy(peft_model.peft_config[name])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
+def train_dual(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    args: DualConfig,
+    peft_config: Any = None,
+    eval_dataset: Any = None,
+    **trainer_kwargs,
+) -> dict[str, Path]:
+    """Train the good and bad models; returns ``{"good": folder, "bad": folder}`` (adapters or full models).
+
+    With ``peft_config`` the model gains two adapters ``"good"`` and ``"bad"`` in place (a ``PeftModel`` is
+    returned in ``trainer_kwargs``-free form via the folders); otherwise each side fine-tunes its own copy.
+    """
+    from peft import get_peft_model
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    root = Path(args.output_dir)
+    peft_model = None
+    if peft_config is not None:
+        peft_model = get_peft_model(model, peft_config, adapter_name="good")
+        peft_model.add_adapter("bad", peft_config)
+    folders = {}
+    for name, side in SIDES.items():
+        instruction = args.good_instruction if name == "good" else args.bad_instruction
+        data = dual_dataset(train_dataset, tokenizer, side, instruction, args.prompt_format)
+        evaluation = None if eval_dataset is None else dual_dataset(eval_dataset, tokenizer, side, instruction,
+                                                                    args.prompt_format)
+        side_args = dataclasses.replace(args, output_dir=str(root / f"{name}_checkpoints"))
+        if peft_model is not None:
+            peft_model.set_adapter(name)
+            trained = peft_model
+        else:
+            trained = copy.deepcopy(model)
+        trainer = SFTTrainer(model=trained, args=side_args, train_dataset=data, eval_dataset=evaluation,
+                             processing_class=tokenizer, **trainer_kwargs)
+        trainer.train()
+        folders[name] = root / name
+        if peft_model is not None:
+            if trainer.args.should_save:
+                _save_adapter(peft_model, name, folders[name])
+        else:
+            trainer.save_model(str(folders[name]))
+        if trainer.args.should_save:
+            trainer.state.save_to_json(str(folders[name] / "trainer_state.json"))  # the loss history
+        logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
+    return folders

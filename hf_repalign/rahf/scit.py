@@ -1,0 +1,263 @@
+"""RAHF step 1a: Single-model Contrastive Instruction Tuning (SCIT), the paper's Eq. 1.
+
+Each preference pair gives two examples: ``(p+, query, chosen)`` with ``p-`` as its opposite instruction, and
+``(p-, query, rejected)`` with ``p+`` as its opposite. With ``P = log pi(r | p, q)`` (summed over the response
+tokens) and ``P*`` the same response under the opposite instruction, the loss is
+
+    L = -[ sft_weight * P + log( exp(P) / (exp(P) + exp(P*)) ) ] = -[ sft_weight * P + log sigmoid(P - P*) ]
+
+averaged over the examples of a batch. ``P`` and ``P*`` are computed on two separately encoded sequences, each
+with its own response mask, so the response tokens line up although ``p+`` and ``p-`` have different lengths.
+
+Example:
+    >>> from hf_repalign.rahf import SCITConfig, SCITTrainer
+    >>> args = SCITConfig(output_dir="out/scit", per_device_train_batch_size=2, max_steps=10)
+    >>> trainer = SCITTrainer(model, args, train_dataset=prefs, processing_class=tokenizer)
+    >>> trainer.train()
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from ..formats import encode_pair, to_triplet
+from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
+
+logger = logging.get_logger(__name__)
+
+SCIT_COLUMNS = ["input_ids", "prompt_length", "opposite_input_ids", "opposite_prompt_length"]
+
+
+def scit_loss(
+    logp: torch.Tensor, logp_opposite: torch.Tensor, sft_weight: float = 1.0, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-example SCIT loss (Eq. 1): ``-(sft_weight * P + log sigmoid(P - P*))``.
+
+    ``label_smoothing = e`` mixes in the reversed direction: the contrastive term becomes
+    ``(1 - e) * log sigmoid(P - P*) + e * log sigmoid(P* - P)`` (the authors' code uses e = 0.2).
+    """
+    margin = logp - logp_opposite
+    contrast = (1.0 - label_smoothing) * F.logsigmoid(margin) + label_smoothing * F.logsigmoid(-margin)
+    return -(sft_weight * logp + contrast)
+
+
+def response_logps(logits: torch.Tensor, labels: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
+    """Log-likelihood of the labelled tokens of each row (labels ``-100`` elsewhere), summed or averaged."""
+    targets = labels[:, 1:]
+    token_logps = -F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets.clamp(min=0), reduction="none"
+    )
+    mask = (targets != -100).to(token_logps.dtype)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+@dataclass
+class SCITConfig(TrainingArguments):
+    """``TrainingArguments`` plus SCIT's options (defaults: the paper's)."""
+
+    preferred_instruction: str = field(default=PREFERRED_INSTRUCTION, metadata={"help": "p+ (paper App. A.1)."})
+    dispreferred_instruction: str = field(default=DISPREFERRED_INSTRUCTION, metadata={"help": "p- (App. A.1)."})
+    prompt_format: str | None = field(
+        default=None,
+        metadata={"help": "Format with {query}; default: the chat template, else 'Human: {query}\\n\\nAssistant: '."},
+    )
+    length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of response log-probs."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Weight of the reversed contrastive direction."})
+    sft_weight: float = field(default=1.0, metadata={"help": "Weight of the P (likelihood) term of Eq. 1."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N prompt tokens."})
+    max_length: int | None = field(default=None, metadata={"help": "Cut responses so prompt+response <= N."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "SCIT needs its own columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}.")
+
+
+def truncate_pairs(
+    pairs: list[tuple[list[int], int]], max_prompt_length: int | None, max_length: int | None
+) -> tuple[list[tuple[list[int], int]], bool]:
+    """Sequences sharing one response: keep each prompt's last ``max_prompt_length`` tokens and cut the response
+    so that the longest prompt plus the response fits ``max_length`` (the response stays identical in all)."""
+    prompts = [ids[:n] for ids, n in pairs]
+    response = pairs[0][0][pairs[0][1]:]
+    cut = False
+    if max_prompt_length is not None and any(len(p) > max_prompt_length for p in prompts):
+        prompts, cut = [p[-max_prompt_length:] for p in prompts], True
+    longest = max(len(p) for p in prompts)
+    if max_length is not None and longest + len(response) > max_length:
+        keep = max_length - longest
+        if keep < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for the response after a {longest}-token "
+                             "prompt; raise max_length or set max_prompt_length.")
+        response, cut = response[:keep], True
+    return [(p + response, len(p)) for p in prompts], cut
+
+
+def build_scit_examples(
+    rows: dict[str, list], indices: list[int], tokenizer: Any, args: SCITConfig
+) -> dict[str, list]:
+    """Batched ``datasets.map`` function: each preference row -> two SCIT examples (see module docstring)."""
+    positive = instructed_template(tokenizer, args.preferred_instruction, args.prompt_format)
+    negative = instructed_template(tokenizer, args.dispreferred_instruction, args.prompt_format)
+    out: dict[str, list] = {name: [] for name in SCIT_COLUMNS}
+    truncated = 0
+    names = list(rows)
+    for j, row_index in enumerate(indices):
+        triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
+        for response, own, opposite in ((triplet.chosen, positive, negative), (triplet.rejected, negative, positive)):
+            encoded = [encode_pair(tokenizer, triplet.prompt, response, template) for template in (own, opposite)]
+            if encoded[0][0][encoded[0][1]:] != encoded[1][0][encoded[1][1]:]:
+                raise ValueError(
+                    f"row {row_index}: the response tokenizes differently under the two instructions; use a "
+                    "prompt_format whose prompt ends on a token boundary."
+                )
+            ((ids, n), (opp_ids, opp_n)), cut = truncate_pairs(encoded, args.max_prompt_length, args.max_length)
+            truncated += cut
+            out["input_ids"].append(ids)
+            out["prompt_length"].append(n)
+            out["opposite_input_ids"].append(opp_ids)
+            out["opposite_prompt_length"].append(opp_n)
+    if truncated:
+        logger.warning(f"SCIT: truncated {truncated} sequence(s) to max_prompt_length/max_length.")
+    return out
+
+
+def prepare_preference_dataset(dataset: Any, function, columns: list[str], **fn_kwargs) -> Any:
+    """Map a preference dataset (``Dataset`` or list of rows) with ``function`` unless already tokenized.
+
+    A list of already tokenized rows is returned as is (no ``datasets`` needed).
+    """
+    if isinstance(dataset, list):
+        if dataset and all(name in dataset[0] for name in columns):
+            return dataset
+        from datasets import Dataset
+
+        dataset = Dataset.from_list(dataset)
+    if all(name in dataset.column_names for name in columns):
+        return dataset
+    return dataset.map(
+        function, batched=True, with_indices=True, remove_columns=dataset.column_names, fn_kwargs=fn_kwargs,
+        desc="Tokenizing preference pairs",
+    )
+
+
+@dataclass
+class SCITCollator:
+    """Pads own and opposite sequences (right padding) into one ``(2B, T)`` batch with response-only labels."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [(f["input_ids"], f["prompt_length"]) for f in features]
+        sequences += [(f["opposite_input_ids"], f["opposite_prompt_length"]) for f in features]
+        width = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, n_prompt) in enumerate(sequences):
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            labels[row, n_prompt : len(ids)] = ids[n_prompt:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """A model (or path / Hub id) and its tokenizer, with a pad token."""
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class SCITTrainer(Trainer):
+    """A ``Trainer`` for SCIT. Pass ``peft_config`` to train a LoRA instead of all weights.
+
+    Logged metrics: ``logps/own``, ``logps/opposite`` and ``accuracy`` (share of examples with ``P > P*``).
+    """
+
+    _tag_names = ["hf_repalign", "rahf", "scit"]
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: SCITConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        **kwargs,
+    ):
+        args = args or SCITConfig(output_dir="scit_output")
+        if not isinstance(args, SCITConfig):
+            raise TypeError(f"args must be an SCITConfig, got {type(args).__name__}.")
+        model, tokenizer = load_causal_lm(model, processing_class)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        prepare = lambda data: None if data is None else prepare_preference_dataset(  # noqa: E731
+            data, build_scit_examples, SCIT_COLUMNS, tokenizer=tokenizer, args=args
+        )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prepare(data) for name, data in eval_dataset.items()}
+        else:
+            eval_dataset = prepare(eval_dataset)
+        kwargs.setdefault("data_collator", SCITCollator(tokenizer.pad_token_id))
+        super().__init__(
+            model=model, args=args, train_dataset=prepare(train_dataset), eval_dataset=eval_dataset,
+            processing_class=tokenizer, **kwargs,
+        )
+        # The loss is a per-batch mean, not a token sum: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(SCIT_COLUMNS)
+
+    def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        logps = response_logps(logits, inputs["labels"], self.args.length_normalize)
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        own, opposite = self._logps(model, inputs)
+        losses = scit_loss(own, opposite, self.args.sft_weight, self.args.label_smoothing)
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["logps/own"].append(own.detach().mean().item())
+        self._metrics[mode]["logps/opposite"].append(opposite.detach().mean().item())
+        self._metrics[mode]["accuracy"].append((own > opposite).float().mean().item())
+        loss = losses.mean()
+        return (loss, torch.stack([own, opposite], dim=1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, logps = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), logps.detach(), torch.zeros(logps.shape[0], device=logps.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)

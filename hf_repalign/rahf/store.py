@@ -1,0 +1,92 @@
+"""Difference vectors precomputed once to disk (sharded safetensors), for when the instructed models do not fit
+in memory beside the model being trained.
+
+Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
+``str(example_index)``; ``targets.json`` maps keys to shards and records the layers.
+
+Example:
+    >>> trainer.precompute_targets("out/targets")          # with the instructed model(s) loaded
+    >>> args = RAHFConfig(..., precomputed_targets="out/targets")   # later, without them
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..hub import atomic_write_text
+
+INDEX_NAME = "targets.json"
+
+
+def write_targets(
+    directory: str | os.PathLike, items: Iterable[tuple[int, torch.Tensor]], layers: list[int], shard_size: int = 1024
+) -> Path:
+    """Write ``(example_index, (n_layers, r, H) tensor)`` pairs into shards of ``shard_size`` examples."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+
+    def flush():
+        if shard:
+            name = f"targets-{len(names):05d}.safetensors"
+            tmp = directory / f".{name}.tmp"
+            save_file(shard, str(tmp))
+            os.replace(tmp, directory / name)
+            names.append(name)
+            weight_map.update({key: name for key in shard})
+            shard.clear()
+
+    for index, tensor in items:
+        shard[str(int(index))] = tensor.detach().contiguous().cpu()
+        if len(shard) >= shard_size:
+            flush()
+    flush()
+    index = {"layers": list(layers), "num_examples": len(weight_map), "weight_map": weight_map}
+    atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return directory
+
+
+class TargetStore:
+    """Reads vectors written by :func:`write_targets` and places them into batch-shaped tensors."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not (self.directory / INDEX_NAME).is_file():
+            raise FileNotFoundError(f"{self.directory} has no {INDEX_NAME}; write it with precompute_targets().")
+        index = json.loads((self.directory / INDEX_NAME).read_text())
+        self.layers: list[int] = index["layers"]
+        self.weight_map: dict[str, str] = index["weight_map"]
+        self._handles: dict[str, object] = {}
+
+    def get(self, example_index: int) -> torch.Tensor:
+        key = str(int(example_index))
+        if key not in self.weight_map:
+            raise KeyError(f"example {key} is not in the precomputed targets at {self.directory}; they were made "
+                           "for a different dataset.")
+        shard = self.weight_map[key]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+        return self._handles[shard].get_tensor(key)
+
+    def batch(self, example_indices: torch.Tensor, response_mask: torch.Tensor, hidden_size: int,
+              dtype: torch.dtype) -> torch.Tensor:
+        """(n_layers, B, T, H) with each example's vectors at its valid response positions, zeros elsewhere."""
+        n, (b, t) = len(self.layers), response_mask.shape
+        out = torch.zeros((n, b, t, hidden_size), dtype=dtype, device=response_mask.device)
+        for row, index in enumerate(example_indices.tolist()):
+            stored = self.get(index)
+            positions = response_mask[row].nonzero().squeeze(-1)
+            if stored.shape[1] != len(positions):
+                raise ValueError(f"example {index}: {stored.shape[1]} stored positions but {len(positions)} in the "
+                                 "batch; precompute with the same max_response_tokens and tokenizer.")
+            out[:, row, positions] = stored.to(device=out.device, dtype=dtype)
+        return out

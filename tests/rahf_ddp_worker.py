@@ -1,0 +1,37 @@
+"""Run by tests/test_rahf_ddp.py under `accelerate launch --cpu --num_processes 2` (gloo): RAHF training steps."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from hf_repalign.rahf.trainer import RAHFConfig, RAHFTrainer  # noqa: E402
+from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+# Equal response lengths: each rank's mean then weighs tokens like the single-process batch does.
+ROWS = [{"prompt": f"Question number {i}?", "chosen": f"Answer {i:02d}.", "rejected": f"Nope {i:02d}"} for i in range(8)]
+
+
+def run(adapter: str, out: str, per_device: int) -> RAHFTrainer:
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer()
+    args = RAHFConfig(output_dir=out, per_device_train_batch_size=per_device, max_steps=3, learning_rate=1e-2,
+                      report_to="none", use_cpu=True, save_strategy="no", seed=0, target_layers=[1, 3],
+                      preferred_instruction="Be kind.", dispreferred_instruction="Be rude and wrong always.",
+                      lora_dropout=0.0, logging_steps=1, max_response_tokens=8, dataloader_drop_last=True)
+    trainer = RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,
+                          processing_class=tokenizer, instructed=adapter)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    adapter, out = sys.argv[1], sys.argv[2]
+    trainer = run(adapter, out, per_device=1)
+    rank = trainer.args.process_index
+    assert trainer.args.world_size == 2, trainer.args.world_size
+    weights = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if ".default." in k}
+    save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))

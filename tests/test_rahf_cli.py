@@ -1,0 +1,58 @@
+"""`repalign rahf scit | dual | align` end to end on a tiny model, with flags and with a YAML config."""
+
+import json
+
+import pytest
+from peft import PeftModel
+
+from hf_repalign import cli
+from hf_repalign.testing import tiny_model
+
+ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, obviously!!"},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."},
+    {"prompt": "Say hi.", "chosen": "Hello there.", "rejected": "Go."},
+]
+
+
+@pytest.fixture()
+def setup(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("hf_repalign.rahf.cli",))
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--report_to", "none", "--use_cpu",
+              "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no"]
+    return tmp_path, model_dir, common
+
+
+def test_scit_then_align_with_flags_and_yaml(setup, tokenizer):
+    tmp_path, model_dir, common = setup
+    assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(tmp_path / "scit")]) == 0
+    assert (tmp_path / "scit" / "adapter_config.json").is_file()
+    config = tmp_path / "align.yaml"
+    config.write_text(f"alpha: 2.0\ntarget_layers: [1, 2]\ninstructed: ['{tmp_path / 'scit'}']\n"
+                      f"output_dir: {tmp_path / 'rahf'}\ndataset_name: toy\n")
+    assert cli.main(["rahf", "align", "--config", str(config), *common]) == 0
+    card = (tmp_path / "rahf" / "README.md").read_text()
+    assert "| alpha | 2.0 |" in card and "1, 2" in card and "toy" in card
+    PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), str(tmp_path / "rahf"))
+
+
+def test_dual_then_align(setup):
+    tmp_path, model_dir, common = setup
+    assert cli.main(["rahf", "dual", *common, "--output_dir", str(tmp_path / "dual")]) == 0
+    good, bad = tmp_path / "dual" / "good", tmp_path / "dual" / "bad"
+    assert (good / "adapter_model.safetensors").is_file() and (bad / "adapter_model.safetensors").is_file()
+    assert cli.main(["rahf", "align", *common, "--method", "dual", "--instructed", str(good), str(bad),
+                     "--target_layers", "2", "--output_dir", str(tmp_path / "rahf")]) == 0
+    assert (tmp_path / "rahf" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_dataset_is_a_clear_error(setup):
+    tmp_path, model_dir, _ = setup
+    with pytest.raises(SystemExit, match="--dataset is required"):
+        cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "x"),
+                  "--report_to", "none"])

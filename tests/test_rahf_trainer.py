@@ -1,0 +1,197 @@
+"""RAHFTrainer: loss by hand, zero loss, save/reload, resume, precomputed targets, Dual sources, errors."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from hf_repalign.formats import PreferenceFormatError
+from hf_repalign.rahf.trainer import RAHFConfig, RAHFTrainer, rahf_loss
+from hf_repalign.testing import tiny_model
+
+ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, obviously!!"},
+    {"prompt": "Name a colour.", "chosen": "Blue, like the sky.", "rejected": "No."},
+    {"prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "Go away."},
+    {"prompt": "Count to three.", "chosen": "1, 2, 3.", "rejected": "7"},
+]
+P_POS, P_NEG = "Be kind.", "Be rude, careless and wrong in every single answer."
+LAYERS = [1, 3]
+
+
+def _lora(**kw):
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], **kw)
+
+
+@pytest.fixture(scope="module")
+def scit_adapter(tmp_path_factory, tokenizer):
+    """A random (non-zero) LoRA standing in for a trained SCIT model."""
+    path = tmp_path_factory.mktemp("scit") / "adapter"
+    model = get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), _lora(init_lora_weights=False))
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
+                save_strategy="no", preferred_instruction=P_POS, dispreferred_instruction=P_NEG, seed=0,
+                target_layers=LAYERS, max_response_tokens=6, lora_dropout=0.0)
+    base.update(kw)
+    return RAHFConfig(**base)
+
+
+def _trainer(tmp_path, tokenizer, instructed, peft_config=None, rows=ROWS, **kw):
+    base = tiny_model("llama", vocab_size=len(tokenizer))
+    return RAHFTrainer(base, _args(tmp_path, **kw), train_dataset=rows, processing_class=tokenizer,
+                       instructed=instructed, peft_config=peft_config)
+
+
+def _batch(trainer, n=2):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def _states(model, ids, mask):
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    return [out.hidden_states[i] for i in LAYERS]
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "mse"])
+def test_loss_matches_hand_computation(tmp_path, tokenizer, scit_adapter, loss_type):
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, _lora(init_lora_weights=False), alpha=3.0,
+                       loss_type=loss_type)
+    batch = _batch(trainer)
+    got = trainer.compute_loss(trainer.model.eval(), batch).item()
+
+    fresh = tiny_model("llama", vocab_size=len(tokenizer))
+    base = _states(fresh, batch["input_ids"], batch["attention_mask"])
+    scit = PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), scit_adapter).eval()
+    pos = _states(scit, batch["positive_input_ids"], batch["positive_attention_mask"])
+    neg = _states(scit, batch["negative_input_ids"], batch["negative_attention_mask"])
+    lora_model = trainer.model
+    lora_model.set_adapter("default")
+    lora = _states(lora_model, batch["input_ids"], batch["attention_mask"])
+    terms = []
+    for layer in range(len(LAYERS)):
+        for b in range(batch["input_ids"].shape[0]):
+            for t in range(batch["input_ids"].shape[1]):
+                if batch["response_mask"][b, t]:
+                    target = base[layer][b, t] + 3.0 * (pos[layer][b, t] - neg[layer][b, t])
+                    diff = (lora[layer][b, t] - target).double()
+                    terms.append(diff.norm().item() if loss_type == "l2" else diff.pow(2).mean().item())
+    assert len(terms) == len(LAYERS) * batch["response_mask"].sum().item()
+    assert got == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+
+
+def test_loss_is_zero_with_alpha_zero_and_zero_initialised_adapter(tmp_path, tokenizer, scit_adapter):
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, alpha=0.0)
+    loss = trainer.compute_loss(trainer.model.train(), _batch(trainer, 4))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, alpha=5.0)
+    assert trainer.compute_loss(trainer.model.train(), _batch(trainer, 4)).item() > 1e-4
+
+
+def test_rahf_loss_ignores_masked_positions():
+    lora, base, v = torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2)
+    lora[0, 0, 0] = torch.tensor([3.0, 4.0])  # masked: would add 5
+    lora[0, 0, 1] = torch.tensor([0.0, 2.0])
+    mask = torch.tensor([[0, 1, 1]])
+    assert rahf_loss(lora, base, v, mask).item() == pytest.approx(1.0)
+    assert rahf_loss(lora, base, v, mask, loss_type="mse").item() == pytest.approx(1.0)
+    lora[0, 0, 0] = float("nan")  # NaNs at masked positions must not leak either
+    assert rahf_loss(lora, base, v, mask).item() == pytest.approx(1.0)
+    assert rahf_loss(lora, base, v, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_training_moves_towards_target_and_saved_adapter_reloads(tmp_path, tokenizer, scit_adapter):
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, max_steps=6, learning_rate=5e-3, logging_steps=1,
+                       dataset_name="toy-prefs")
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+    out = trainer.save_pretrained(tmp_path / "adapter")
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and not any("rahf_scit" in k for k in weights)
+    card = (out / "README.md").read_text()
+    assert "RAHF-SCIT" in card and "1, 3" in card and "toy-prefs" in card and "PeftModel.from_pretrained" in card
+
+    reloaded = PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), str(out)).eval()
+    trained = trainer.model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+        base_logits = tiny_model("llama", vocab_size=len(tokenizer))(input_ids=ids).logits
+    assert not torch.allclose(base_logits, reloaded(input_ids=ids).logits)
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer, scit_adapter):
+    common = dict(max_steps=4, learning_rate=5e-3, save_strategy="steps", save_steps=2)
+    full = _trainer(tmp_path / "a", tokenizer, scit_adapter, **common)
+    full.train()
+    expected = {k: v.clone() for k, v in full.model.state_dict().items() if ".default." in k}
+    resumed = _trainer(tmp_path / "b", tokenizer, scit_adapter, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    got = {k: v for k, v in resumed.model.state_dict().items() if ".default." in k}
+    assert resumed.state.global_step == 4 and expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+def test_precomputed_targets_give_the_same_loss(tmp_path, tokenizer, scit_adapter):
+    live = _trainer(tmp_path, tokenizer, scit_adapter, alpha=2.0)
+    directory = live.precompute_targets(tmp_path / "targets", shard_size=3)
+    assert len(list(directory.glob("targets-*.safetensors"))) == 2
+    stored = _trainer(tmp_path, tokenizer, None, alpha=2.0, precomputed_targets=str(directory))
+    batch = _batch(live, 4)
+    torch.testing.assert_close(stored.compute_loss(stored.model.eval(), batch),
+                               live.compute_loss(live.model.eval(), batch))
+
+
+def test_dual_with_separate_models_and_with_adapters(tmp_path, tokenizer, scit_adapter):
+    good = tiny_model("llama", vocab_size=len(tokenizer), seed=1)
+    bad = tiny_model("llama", vocab_size=len(tokenizer), seed=2)
+    trainer = _trainer(tmp_path, tokenizer, (good, bad), method="dual", max_steps=1)
+    assert trainer.args.preferred_instruction == P_POS  # explicit instructions are kept
+    trainer.train()
+    batch = _batch(trainer)
+    v = trainer._difference(batch, batch["input_ids"])
+    assert v.abs().sum() > 0
+    # adapters on the same base: same adapter twice gives v = 0 on identical stimuli
+    same = _trainer(tmp_path, tokenizer, (scit_adapter, scit_adapter), method="dual", preferred_instruction="",
+                    dispreferred_instruction="", alpha=1.0)
+    assert same._difference(_batch(same), batch["input_ids"]).abs().max().item() == 0.0
+
+
+def test_dual_default_instructions_are_empty():
+    args = RAHFConfig(output_dir="x", method="dual", report_to="none")
+    assert args.preferred_instruction == "" and args.dispreferred_instruction == ""
+
+
+def test_lora_covers_only_layers_below_the_top_target(tmp_path, tokenizer, scit_adapter):
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, target_layers=[1, 2])
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.0." in n or ".layers.1." in n for n in names)
+
+
+def test_clear_errors(tmp_path, tokenizer, scit_adapter):
+    with pytest.raises(ValueError, match="out of range"):
+        _trainer(tmp_path, tokenizer, scit_adapter, target_layers=[1, 7])
+    with pytest.raises(ValueError, match="embedding"):
+        _trainer(tmp_path, tokenizer, scit_adapter, target_layers=[0, 1])
+    with pytest.raises(PreferenceFormatError, match="row 1.*rejected"):
+        _trainer(tmp_path, tokenizer, scit_adapter, rows=[ROWS[0], {"prompt": "a", "chosen": "b"}])
+    other = tmp_path / "other_adapter"
+    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer), hidden_size=48), _lora()).save_pretrained(str(other))
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        _trainer(tmp_path, tokenizer, str(other))
+    with pytest.raises(ValueError, match="layers"):
+        _trainer(tmp_path, tokenizer, tiny_model("llama", vocab_size=len(tokenizer), num_layers=6))
+    with pytest.raises(ValueError, match="needs 2 instructed"):
+        _trainer(tmp_path, tokenizer, scit_adapter, method="dual")
+    with pytest.raises(ValueError, match="instructed"):
+        _trainer(tmp_path, tokenizer, None)
+    with pytest.raises(ValueError, match="neither"):
+        _trainer(tmp_path, tokenizer, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="loss_type"):
+        _args(tmp_path, loss_type="l1")
