@@ -3,7 +3,7 @@
 Generates the model's answers to the first AdvBench goals once, fits one vector per (layer, pooling) variant from
 the same pairs, and reports the share of harmless-base pairs with margin_raw > 0 for each.
 
-    nice -n 10 .venv/bin/python benchmarks/legend_variants.py --rows 100 --variants -1:mean 15:last
+    nice -n 10 .venv/bin/python benchmarks/legend_variants.py --rows 100 --variants 15:last " -1:mean"
 """
 
 from __future__ import annotations
