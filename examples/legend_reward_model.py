@@ -31,20 +31,23 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--goals", type=int, default=8, help="AdvBench goals for the vector")
     parser.add_argument("--pairs", type=int, default=32, help="HH-RLHF harmless-base pairs to annotate")
     parser.add_argument("--steps", type=int, default=4, help="reward-model training steps")
+    parser.add_argument("--max_new_tokens", type=int, default=24, help="length of the model's harmful answers")
+    parser.add_argument("--max_chars", type=int, default=600, help="keep HH dialogues shorter than this")
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_example"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     model, tokenizer = load_model_and_tokenizer()
     goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
-    vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=24, generation_batch_size=len(goals))
+    vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
+                              generation_batch_size=len(goals))
     vec.save_pretrained(args.out / "margin-vector")
     print(vec)
 
     rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
     print(f"dropped {len(errors)} unusable HH-RLHF rows, e.g. {errors[:1]}")
     # Short dialogues keep the example quick; filter explicitly rather than truncate silently.
-    hh = [row for row in rows if len(row["chosen"]) < 600 and len(row["rejected"]) < 600][: args.pairs]
+    hh = [r for r in rows if max(len(r["chosen"]), len(r["rejected"])) < args.max_chars][: args.pairs]
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, batch_size=8)
     annotated = pipe.annotate(hh, num_bins=10, output=args.out / "annotated.jsonl")
     share = sum(m > 0 for m in annotated["margin_raw"]) / len(annotated)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         model=reward_model,
         args=RewardConfig(output_dir=str(args.out / "reward-model"), max_steps=args.steps,
                           per_device_train_batch_size=4, learning_rate=2e-4, logging_steps=1, report_to=[],
-                          save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0),
+                          save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
+                          gradient_checkpointing=False),  # small model: recomputing activations only costs time
         train_dataset=annotated,  # as is: `margin` is read by the loss, other columns are dropped
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, task_type="SEQ_CLS", modules_to_save=["score"],

@@ -25,7 +25,8 @@ def test_linear_alignment_personal_preferences_example(embedded, capsys):
 
 @pytest.mark.embedded
 def test_legend_reward_model_example(embedded, tmp_path, capsys):
-    losses = _load("legend_reward_model").main(["--goals", "2", "--pairs", "8", "--steps", "1", "--out", str(tmp_path)])
+    argv = ["--goals", "2", "--pairs", "4", "--steps", "1", "--max_new_tokens", "4", "--max_chars", "250"]
+    losses = _load("legend_reward_model").main(argv + ["--out", str(tmp_path)])
     assert len(losses) == 1 and losses[0] > 0
     assert "columns ['chosen', 'rejected', 'margin_raw', 'margin']" in capsys.readouterr().out
     assert (tmp_path / "annotated.jsonl").is_file() and (tmp_path / "margin-vector" / "config.json").is_file()
