@@ -183,6 +183,19 @@ def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def prepare_train_eval(train_dataset: Any, eval_dataset: Any, build, columns, tokenizer: Any, args: Any):
+    """``prepare_preference_dataset`` on the train set and on the eval set (or each set of an eval dict)."""
+
+    def prepare(data):
+        return None if data is None else prepare_preference_dataset(
+            data, build, columns, tokenizer=tokenizer, args=args
+        )
+
+    if isinstance(eval_dataset, dict):
+        return prepare(train_dataset), {name: prepare(data) for name, data in eval_dataset.items()}
+    return prepare(train_dataset), prepare(eval_dataset)
+
+
 class SCITTrainer(Trainer):
     """A ``Trainer`` for SCIT. Pass ``peft_config`` to train a LoRA instead of all weights.
 
@@ -209,16 +222,12 @@ class SCITTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        prepare = lambda data: None if data is None else prepare_preference_dataset(  # noqa: E731
-            data, build_scit_examples, SCIT_COLUMNS, tokenizer=tokenizer, args=args
+        train_dataset, eval_dataset = prepare_train_eval(
+            train_dataset, eval_dataset, build_scit_examples, SCIT_COLUMNS, tokenizer, args
         )
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prepare(data) for name, data in eval_dataset.items()}
-        else:
-            eval_dataset = prepare(eval_dataset)
         kwargs.setdefault("data_collator", SCITCollator(tokenizer.pad_token_id))
         super().__init__(
-            model=model, args=args, train_dataset=prepare(train_dataset), eval_dataset=eval_dataset,
+            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, **kwargs,
         )
         # The loss is a per-batch mean, not a token sum: let the Trainer divide it by the accumulation steps.

@@ -41,7 +41,7 @@ from ..hidden import num_hidden_layers
 from ..hub import atomic_write_text, render_card
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 from .patterns import active_adapter, activity_patterns, align_stimuli, difference_vectors, target_layers
-from .scit import load_causal_lm, prepare_preference_dataset
+from .scit import load_causal_lm, prepare_train_eval
 from .store import TargetStore, write_targets
 
 logger = logging.get_logger(__name__)
@@ -277,16 +277,12 @@ class RAHFTrainer(Trainer):
         self.store = TargetStore(args.precomputed_targets) if args.precomputed_targets else None
         if self.store is not None and self.store.layers != self.layers:
             raise ValueError(f"precomputed targets are for layers {self.store.layers}, training uses {self.layers}.")
-        prepare = lambda data: None if data is None else prepare_preference_dataset(  # noqa: E731
-            data, build_rahf_examples, RAHF_COLUMNS, tokenizer=tokenizer, args=args
+        train_dataset, eval_dataset = prepare_train_eval(
+            train_dataset, eval_dataset, build_rahf_examples, RAHF_COLUMNS, tokenizer, args
         )
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prepare(data) for name, data in eval_dataset.items()}
-        else:
-            eval_dataset = prepare(eval_dataset)
         kwargs.setdefault("data_collator", RAHFCollator(tokenizer.pad_token_id, args.max_prompt_length,
                                                         args.max_response_tokens))
-        super().__init__(model=model, args=args, train_dataset=prepare(train_dataset), eval_dataset=eval_dataset,
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
