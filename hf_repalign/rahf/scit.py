@@ -25,10 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
+from ..models import load_model_and_tokenizer
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 
 logger = logging.get_logger(__name__)
@@ -175,7 +176,8 @@ class SCITCollator:
 def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """A model (or path / Hub id) and its tokenizer, with a pad token."""
     if isinstance(model, str):
-        model = AutoModelForCausalLM.from_pretrained(model)
+        model, loaded_tokenizer = load_model_and_tokenizer(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
     if tokenizer.pad_token is None:
