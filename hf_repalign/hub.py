@@ -17,7 +17,8 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,21 +48,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def save_folder(
-    save_directory: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
-    card: str | None = None,
-) -> Path:
-    """Write tensors (safetensors), config (JSON) and an optional card into ``save_directory`` atomically."""
+@contextmanager
+def atomic_folder(save_directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``save_directory``; on success it replaces ``save_directory`` by rename.
+
+    An existing folder is moved aside first and deleted only after the new one is in place, so a failure at any
+    point leaves either the old folder or the new one, never a partial one.
+    """
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        if card is not None:
-            (tmp / CARD_NAME).write_text(card)
+        yield tmp
         if target.exists():
             backup = target.with_name(f".{target.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -72,7 +70,21 @@ def save_folder(
             tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def save_folder(
+    save_directory: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    card: str | None = None,
+) -> Path:
+    """Write tensors (safetensors), config (JSON) and an optional card into ``save_directory`` atomically."""
+    with atomic_folder(save_directory) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (tmp / CARD_NAME).write_text(card)
+    return Path(save_directory)
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:

@@ -333,3 +333,13 @@ def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
     rows, errors = usable_rows(read_jsonl(path))
     assert rows == [good] and len(errors) == 1 and "row 1" in errors[0]
     assert len(pipe.annotate(rows, num_bins=None, progress=False)) == 1
+
+
+def test_rows_with_different_columns_keep_every_column():
+    from hf_repalign.legend.annotate import load_preference_data
+
+    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+            {"prompt": "p", "chosen": "x", "rejected": "y", "extra": 7}]
+    data = load_preference_data(rows)
+    assert data.column_names == ["chosen", "rejected", "prompt", "extra"]
+    assert data[1]["prompt"] == "p" and data[1]["extra"] == 7 and data[0]["prompt"] is None

@@ -81,7 +81,9 @@ def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.
         if not isinstance(row, Mapping):
             raise PreferenceFormatError(f"row {i}: expected a dict, got {type(row).__name__}.")
         to_triplet(row, i)
-    return Dataset.from_list([dict(row) for row in data])
+    # Dataset.from_list keeps only row 0's keys; gather every row's columns so none is lost.
+    columns = list(dict.fromkeys(key for row in data for key in row))
+    return Dataset.from_dict({key: [row.get(key) for row in data] for key in columns})
 
 
 def usable_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:

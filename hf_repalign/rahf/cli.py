@@ -62,6 +62,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
         raise SystemExit("--dataset is required (a .json/.jsonl(.gz) file, a folder or a Hub id).")
     local = Path(path)
     if local.is_file():
+        if split != "train":
+            raise SystemExit(f"--dataset_split {split!r} applies to folders and Hub ids; {local} is one file.")
         dataset = load_dataset("json", data_files=str(local), split="train")
     else:
         dataset = load_dataset(str(local) if local.is_dir() else path, split=split)
@@ -116,6 +118,8 @@ def run_dual(args: DualCommand) -> int:
 def run_align(args: AlignCommand) -> int:
     from .trainer import RAHFTrainer
 
+    if args.use_peft:
+        raise SystemExit("--use_peft is for scit/dual; align always trains a fresh LoRA (set --lora_r/--lora_alpha).")
     model, tokenizer = _load(args)
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=load_rows(args.dataset,

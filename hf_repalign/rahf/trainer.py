@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
 from ..hidden import num_hidden_layers
-from ..hub import atomic_write_text, render_card
+from ..hub import atomic_folder, atomic_write_text, render_card
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 from .patterns import active_adapter, activity_patterns, align_stimuli, difference_vectors, target_layers
 from .scit import load_causal_lm, prepare_train_eval
@@ -407,17 +405,12 @@ class RAHFTrainer(Trainer):
         atomic_write_text(Path(output_dir) / "README.md", self.model_card())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the adapter, tokenizer and model card to ``save_directory`` atomically."""
+        """Write the adapter, tokenizer and model card to ``save_directory`` atomically (main process only)."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        if not self.args.should_save:
+            return target
+        with atomic_folder(target) as tmp:
             self._save(str(tmp))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def create_model_card(self, *args, **kwargs) -> None:
