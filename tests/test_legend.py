@@ -249,6 +249,13 @@ def test_too_long_rows_are_refused_or_cut_from_the_left(pipe):
     rows[1] = {"prompt": "long " * 60, "chosen": "ok", "rejected": "no"}
     with pytest.raises(PreferenceFormatError, match=r"row 1, field `chosen`: \d+ tokens exceed max_length=120"):
         pipe.annotate(rows, max_length=120, progress=False)
+    with pytest.raises(PreferenceFormatError, match=r"row 1, field `chosen`: \d+ tokens exceed max_length=120"):
+        pipe(rows, max_length=120)
+    assert [r["margin_raw"] for r in pipe(rows, max_length=120, truncation="left")][0] == pytest.approx(
+        pipe(rows[0])["margin_raw"])
+    assert pipe.last_truncated_rows == []  # each call resets it; the last one above was a single short pair
+    pipe(rows, max_length=120, truncation="left")
+    assert pipe.last_truncated_rows == [1]
     out = pipe.annotate(rows, num_bins=None, max_length=120, truncation="left", progress=False)
     assert pipe.last_truncated_rows == [1]
     assert len(out) == 3 and out["margin_raw"][0] == pytest.approx(pipe(rows[0])["margin_raw"])

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -29,6 +29,13 @@ logger = logging.get_logger(__name__)
 
 TASK = "legend-margin"
 _UNSET = object()
+
+
+class _Row(NamedTuple):
+    """A parsed row of a list input, carrying its index so preprocessing errors and truncations name it."""
+
+    index: int
+    triplet: PreferenceTriplet
 
 
 def context_length(model) -> int | None:
@@ -59,7 +66,7 @@ class LegendMarginPipeline(Pipeline):
             raise ValueError("the legend-margin pipeline needs a tokenizer.")
         if self.tokenizer.pad_token is None:  # batching pads; the pad id is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.truncated_count = 0
+        self.last_truncated_rows: list[int] = []
 
     def _sanitize_parameters(self, margin_vector=None, template=_UNSET, max_length=None, truncation=None, **kwargs):
         if kwargs:
@@ -81,11 +88,14 @@ class LegendMarginPipeline(Pipeline):
         return preprocess, forward, {}
 
     def __call__(self, inputs, **kwargs):
-        """Margins of one pair (a dict) or of a list of pairs; every row is checked first, errors name the row."""
+        """Margins of one pair (a dict) or of a list of pairs; every row is checked first, errors name the row.
+
+        Rows whose prompt was cut (``truncation="left"``) are listed in ``last_truncated_rows`` (0 for a single pair).
+        """
+        self.last_truncated_rows = []
         if isinstance(inputs, list):
-            for i, example in enumerate(inputs):
-                if not isinstance(example, PreferenceTriplet):
-                    to_triplet(example, i)
+            inputs = [_Row(i, ex if isinstance(ex, PreferenceTriplet) else to_triplet(ex, i))
+                      for i, ex in enumerate(inputs)]
         return super().__call__(inputs, **kwargs)
 
     def encode(self, example: Mapping[str, Any] | PreferenceTriplet, row: int | None = None, margin_vector=None,
@@ -99,10 +109,11 @@ class LegendMarginPipeline(Pipeline):
         return encode_triplet(self.tokenizer, triplet, template, max_length, truncation, row)
 
     def preprocess(self, inputs, **preprocess_params):
-        item, truncated = self.encode(inputs, None, **preprocess_params)
+        row, example = (inputs.index, inputs.triplet) if isinstance(inputs, _Row) else (None, inputs)
+        item, truncated = self.encode(example, row, **preprocess_params)
         if truncated:
-            self.truncated_count += 1
-            logger.warning("cut the prompt of a pair from the left to fit max_length (truncation='left').")
+            self.last_truncated_rows.append(row or 0)
+            logger.warning(f"row {row or 0}: cut the prompt from the left to fit max_length (truncation='left').")
         return item
 
     def _forward(self, model_inputs, margin_vector=None):
