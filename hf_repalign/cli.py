@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .formats import PreferenceFormatError
+
 
 def add_command(
     subparsers: argparse._SubParsersAction,
@@ -77,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if namespace._positional_field and namespace._positional:
         values[namespace._positional_field] = list(values[namespace._positional_field] or []) + namespace._positional
     args = namespace._args_class(**values)
-    return int(namespace._run(args) or 0)
+    try:
+        return int(namespace._run(args) or 0)
+    except (PreferenceFormatError, FileNotFoundError) as err:  # bad input: the message, not a traceback
+        raise SystemExit(f"repalign: error: {err}") from err
 
 
 if __name__ == "__main__":

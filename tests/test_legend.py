@@ -350,3 +350,55 @@ def test_rows_with_different_columns_keep_every_column():
     data = load_preference_data(rows)
     assert data.column_names == ["chosen", "rejected", "prompt", "extra"]
     assert data[1]["prompt"] == "p" and data[1]["extra"] == 7 and data[0]["prompt"] is None
+
+
+def test_drop_invalid_leaves_out_bad_rows_and_names_them(pipe, tmp_path):
+    rows = [dict(row, id=i) for i, row in enumerate(pairs(5))]
+    rows[1]["chosen"] = "  "
+    rows[3]["rejected"] = None
+    with pytest.raises(PreferenceFormatError, match="row 1, field `chosen`"):
+        pipe.annotate(rows, progress=False)
+    expected = pipe.annotate([rows[i] for i in (0, 2, 4)], num_bins=None, progress=False)
+    for data in (rows, Dataset.from_list(rows)):
+        out = pipe.annotate(data, num_bins=None, drop_invalid=True, progress=False)
+        assert out["id"] == [0, 2, 4] and pipe.last_dropped_rows == [1, 3]
+        assert out["margin_raw"] == pytest.approx(expected["margin_raw"])
+    pipe.annotate(pairs(2), num_bins=None, progress=False)
+    assert pipe.last_dropped_rows == []
+
+
+def test_non_finite_margins_are_an_error(pipe, monkeypatch):
+    real_forward = LegendMarginPipeline.forward
+
+    def overflowing(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        return {"margin_raw": out["margin_raw"] * float("inf")}
+
+    monkeypatch.setattr(LegendMarginPipeline, "forward", overflowing)
+    with pytest.raises(ValueError, match=r"NaN or infinite in 3 of 3 rows \(first: \[0, 1, 2\]\)"):
+        pipe.annotate(pairs(3), num_bins=None, progress=False)
+
+
+def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch):
+    output = tmp_path / "out.jsonl"
+    calls = {"n": 0}
+    real_forward = LegendMarginPipeline.forward
+
+    def failing_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LegendMarginPipeline, "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, progress=False)
+    monkeypatch.undo()
+    chunk = tmp_path / ".out.jsonl.parts" / "chunk-000000.json"
+    saved = json.loads(chunk.read_text())
+    chunk.write_text(json.dumps(dict(saved, margin_raw=saved["margin_raw"][:1])))
+    with pytest.raises(ValueError, match="does not hold rows 0-1; it is damaged"):
+        pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, resume=True, progress=False)
+    chunk.unlink()
+    out = pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, resume=True, progress=False)
+    assert len(out) == 4 and output.is_file()

@@ -52,6 +52,14 @@ def test_fit_vector_then_annotate(run_cli, model_dir, tmp_path):
     expected = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu")(rows)
     assert [r["margin_raw"] for r in written] == pytest.approx([e["margin_raw"] for e in expected], abs=1e-5)
 
+    data.write_text("".join(json.dumps(dict(r, chosen="" if r["id"] == 2 else r["chosen"])) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="repalign: error: row 2, field `chosen`"):
+        run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
+                 "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"])
+    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--drop_invalid",
+                    "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"]) == 0
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [0, 1, 3, 4, 5]
+
 
 def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
     bad = tmp_path / "goals.csv"
@@ -61,3 +69,5 @@ def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
                  "--output", str(tmp_path / "v")])
     with pytest.raises(SystemExit, match="does not exist"):
         run_cli(["legend", "fit-vector", "--prompts", str(tmp_path / "none.csv"), "--output", str(tmp_path / "v")])
+    with pytest.raises(SystemExit, match="--num_prompts must be >= 1, got 0"):
+        run_cli(["legend", "fit-vector", "--prompts", str(bad), "--num_prompts", "0", "--output", str(tmp_path / "v")])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -47,60 +48,102 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 # --------------------------------------------------------------------------------------------------- input / output
-def load_preference_data(data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike) -> Dataset:
+def load_preference_data(
+    data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike, drop_invalid: bool = False
+) -> Dataset:
     """A ``datasets.Dataset`` from a Dataset, a list of dicts, or a jsonl / json / parquet / ``.jsonl.gz`` path.
 
     Lists and files are checked row by row before conversion, so a bad row is reported by number rather than as
-    an Arrow type error.
+    an Arrow type error. ``drop_invalid=True`` drops rows that are not valid preference triplets instead, with a
+    warning that counts and names them.
     """
+    return _load(data, drop_invalid)[0]
+
+
+def _load(data, drop_invalid: bool) -> tuple[Dataset, dict[int, str]]:
+    """The dataset and, with ``drop_invalid``, the dropped rows' original indices and errors."""
     from datasets import Dataset
 
-    if isinstance(data, Dataset):
-        return data
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.is_file():
-            raise FileNotFoundError(f"`dataset`: {path} does not exist.")
-        name = path.name.lower()
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            from datasets.table import InMemoryTable
-
-            return Dataset(InMemoryTable(pq.read_table(path)))
-        if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-            raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
-        if name.endswith((".json", ".json.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as handle:
-                data = json.load(handle)
-        else:
-            data = read_jsonl(path)
+        data = _read_file(Path(data))
+        if isinstance(data, Dataset):
+            return _drop(data, drop_invalid)
+    if isinstance(data, Dataset):
+        return _drop(data, drop_invalid)
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise TypeError(f"`dataset` must be a datasets.Dataset, a list of dicts or a path, got {type(data).__name__}.")
-    for i, row in enumerate(data):
-        if not isinstance(row, Mapping):
-            raise PreferenceFormatError(f"row {i}: expected a dict, got {type(row).__name__}.")
-        to_triplet(row, i)
+    invalid = invalid_rows(data, stop_at_first=not drop_invalid)
+    if invalid and not drop_invalid:
+        raise PreferenceFormatError(next(iter(invalid.values())))
+    rows = [row for i, row in enumerate(data) if i not in invalid]
+    _warn_dropped(invalid, len(data))
     # Dataset.from_list keeps only row 0's keys; gather every row's columns so none is lost.
-    columns = list(dict.fromkeys(key for row in data for key in row))
-    return Dataset.from_dict({key: [row.get(key) for row in data] for key in columns})
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns}), invalid
+
+
+def _read_file(path: Path):
+    """A parquet file as a Dataset; json / jsonl (optionally gzipped) as a list of rows."""
+    from datasets import Dataset
+
+    if not path.is_file():
+        raise FileNotFoundError(f"`dataset`: {path} does not exist.")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        from datasets.table import InMemoryTable
+
+        return Dataset(InMemoryTable(pq.read_table(path)))
+    if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
+    if name.endswith((".json", ".json.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return json.load(handle)
+    return read_jsonl(path)
+
+
+def _drop(dataset: Dataset, drop_invalid: bool) -> tuple[Dataset, dict[int, str]]:
+    """A Dataset is checked lazily by the pipeline unless invalid rows are to be dropped up front."""
+    if not drop_invalid:
+        return dataset, {}
+    invalid = invalid_rows(dataset)
+    _warn_dropped(invalid, len(dataset))
+    if invalid:
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in invalid])
+    return dataset, invalid
+
+
+def _warn_dropped(invalid: Mapping[int, str], n: int) -> None:
+    if invalid:
+        first = "; ".join(list(invalid.values())[:5])
+        logger.warning(f"drop_invalid=True: dropped {len(invalid)} of {n} rows that are not valid preference pairs. "
+                       f"First: {first}")
+
+
+def invalid_rows(rows: Sequence[Mapping[str, Any]] | Dataset, stop_at_first: bool = False) -> dict[int, str]:
+    """``{row index: error}`` for the rows that do not form a valid preference triplet."""
+    invalid = {}
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, Mapping):
+                raise PreferenceFormatError(f"row {i}: expected a dict, got {type(row).__name__}.")
+            to_triplet(row, i)
+        except PreferenceFormatError as err:
+            invalid[i] = str(err)
+            if stop_at_first:
+                break
+    return invalid
 
 
 def usable_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[str]]:
     """Split rows into those that form a valid preference triplet and the errors of the others.
 
-    ``annotate`` refuses bad rows; use this to drop them explicitly (e.g. HH-RLHF's few empty responses) and keep
-    the messages for your report.
+    ``annotate`` refuses bad rows unless ``drop_invalid=True``; use this to drop them yourself (e.g. HH-RLHF's few
+    empty responses) and keep the messages for your report.
     """
-    good, errors = [], []
-    for i, row in enumerate(rows):
-        try:
-            to_triplet(row, i)
-        except PreferenceFormatError as err:
-            errors.append(str(err))
-        else:
-            good.append(row)
-    return good, errors
+    invalid = invalid_rows(rows)
+    return [row for i, row in enumerate(rows) if i not in invalid], list(invalid.values())
 
 
 def write_dataset(dataset: Dataset, path: str | os.PathLike) -> Path:
@@ -161,6 +204,19 @@ def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialS
     state.wait_for_everyone()
 
 
+def _read_chunk(path: Path, start: int, stop: int) -> dict:
+    """A finished chunk's checkpoint, checked against the rows it must cover."""
+    try:
+        saved = json.loads(path.read_text())
+        ok = (saved["start"], saved["stop"]) == (start, stop) and len(saved["margin_raw"]) == stop - start
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"resume=True: the checkpoint {path} does not hold rows {start}-{stop - 1}; it is damaged. "
+                         "Delete it (that chunk is recomputed) or rerun with resume=False.")
+    return saved
+
+
 def _sync_error(state: PartialState, error: Exception | None) -> None:
     """Raise the first process's input error on every process, so none waits forever at the next gather."""
     messages = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
@@ -196,6 +252,7 @@ def annotate_with(
     window: int | None = None,
     checkpoint_every: int = 512,
     progress: bool = True,
+    drop_invalid: bool = False,
     **call_kwargs,
 ) -> Dataset:
     """Annotate ``data`` with ``pipe`` (a :class:`LegendMarginPipeline`).
@@ -204,6 +261,9 @@ def annotate_with(
     equal-frequency bins ``k / num_bins``, or ``margin_raw`` itself when ``num_bins=None``. ``call_kwargs`` are the
     pipeline's parameters (``margin_vector``, ``template``, ``max_length``, ``truncation``). Rows that had their
     prompt cut (``truncation="left"``) are counted in a warning and listed in ``pipe.last_truncated_rows``.
+    Rows that are not valid preference pairs are an error naming the row and field, unless ``drop_invalid=True``:
+    then they are left out of the result, counted in a warning and listed (original indices) in
+    ``pipe.last_dropped_rows``. Margins that come out NaN or infinite (e.g. float16 overflow) are an error.
     """
     if num_bins is not None and (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1):
         raise ValueError(f"`num_bins` must be a positive integer or None, got {num_bins!r}.")
@@ -213,7 +273,8 @@ def annotate_with(
         raise ValueError("resume=True needs `output`: checkpoints are kept next to the output file.")
     if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"`output`: unsupported suffix in {output}; use one of {OUTPUT_SUFFIXES}.")
-    dataset = load_preference_data(data)
+    dataset, dropped = _load(data, drop_invalid)
+    pipe.last_dropped_rows = sorted(dropped)
     preprocess_params, forward_params, _ = pipe._sanitize_parameters(**call_kwargs)
     preprocess_params = {**pipe._preprocess_params, **preprocess_params}
     forward_params = {**pipe._forward_params, **forward_params}
@@ -258,7 +319,7 @@ def annotate_with(
         for c in mine:
             start, stop = chunks[c]
             if c not in encoded:
-                saved = json.loads(chunk_file(c).read_text())
+                saved = _read_chunk(chunk_file(c), start, stop)
                 results.append((c, saved["margin_raw"], saved["truncated_rows"]))
                 bar.update(stop - start)
                 continue
@@ -275,6 +336,12 @@ def annotate_with(
     truncated = [row for _, _, rows in gathered for row in rows]
     if len(margins) != n:
         raise RuntimeError(f"gathered {len(margins)} margins for {n} rows; the processes disagree on the data.")
+    not_finite = [i for i, m in enumerate(margins) if not math.isfinite(m)]
+    if not_finite:
+        raise ValueError(
+            f"margin_raw is NaN or infinite in {len(not_finite)} of {n} rows (first: {not_finite[:10]}): the model's "
+            "hidden states overflowed; run the model in float32 or bfloat16 rather than float16."
+        )
     pipe.last_truncated_rows = truncated
     if truncated:
         logger.warning(

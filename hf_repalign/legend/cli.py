@@ -10,13 +10,13 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers.utils import logging
 
 from ..cli import add_command
+from ..data_files import read_jsonl
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +32,7 @@ class FitVectorArguments:
     harmful_column: str | None = field(
         default=None, metadata={"help": "Take harmful responses from this column instead of generating them."}
     )
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (N >= 1)."})
     refusal: str = field(default="I can't answer that.", metadata={"help": "The fixed harmless response."})
     max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated harmful responses."})
     layer: int = field(default=-1, metadata={"help": "Hidden-state index (output_hidden_states); -1 = final norm."})
@@ -58,11 +58,16 @@ class AnnotateArguments:
     truncation: str = field(default="error", metadata={"help": "'error' refuses longer rows, 'left' cuts prompts."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoints of an interrupted run."})
     checkpoint_every: int = field(default=512, metadata={"help": "Rows per checkpointed chunk."})
+    drop_invalid: bool = field(
+        default=False, metadata={"help": "Leave out rows that are not valid pairs (e.g. empty responses), listed."}
+    )
 
 
 def read_prompts(path: str | Path, column: str, limit: int | None = None, harmful_column: str | None = None):
     """``(prompts, harmful responses or None)`` from a .csv, .jsonl or .txt file."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise SystemExit(f"--num_prompts must be >= 1, got {limit}.")
     if not path.is_file():
         raise SystemExit(f"--prompts: {path} does not exist.")
     if path.suffix == ".txt":
@@ -73,10 +78,10 @@ def read_prompts(path: str | Path, column: str, limit: int | None = None, harmfu
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
     else:
         raise SystemExit(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
-    rows = rows[:limit] if limit else rows
+    rows = rows[:limit]
     for wanted in filter(None, (column, harmful_column)):
         missing = [i for i, row in enumerate(rows) if not isinstance(row.get(wanted), str) or not row[wanted].strip()]
         if missing:
@@ -111,7 +116,7 @@ def run_annotate(args: AnnotateArguments) -> int:
     dataset = annotate(
         args.dataset, vec, model=args.model, num_bins=args.num_bins or None, batch_size=args.batch_size,
         output=args.output, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        max_length=args.max_length, truncation=args.truncation,
+        max_length=args.max_length, truncation=args.truncation, drop_invalid=args.drop_invalid,
     )
     positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
     print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs")
