@@ -1,12 +1,17 @@
-"""Shared helpers for the benchmarks: model choice, timing, a random-weight Llama-2-7B shape for GPUs."""
+"""Shared helpers for the benchmarks: model choice, timing, a random-weight Llama-2-7B shape for GPUs, outputs."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from hf_repalign.hub import atomic_write_text
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -61,3 +66,19 @@ def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device
 
 def parse_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Results are written atomically, so an interrupted benchmark never leaves a half-written file."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

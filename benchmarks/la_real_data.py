@@ -14,7 +14,9 @@ Prints a markdown table and writes a PNG plot.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import time
 
 import torch
@@ -23,6 +25,9 @@ from transformers import LogitsProcessorList
 from hf_repalign import HARMLESS_PRINCIPLE, LinearAlignmentProcessor, build_principle_inputs, paired_generate
 from hf_repalign.data_files import read_advbench, read_mt_bench, shared_data_dir
 from hf_repalign.models import load_model_and_tokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import save_figure  # noqa: E402
 
 FRENCH_PRINCIPLE = "Always answer in French."
 REFUSAL_MARKERS = (
@@ -124,7 +129,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"Linear Alignment on SmolLM2-135M-Instruct, greedy, {args.max_new_tokens} new tokens")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    save_figure(fig, args.out)
     print(f"\nwrote {args.out}")
 
 

@@ -26,7 +26,7 @@ import torch
 from transformers import pipeline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_dtype  # noqa: E402
+from common import parse_dtype, save_figure, write_json  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
 from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir  # noqa: E402
@@ -37,6 +37,7 @@ from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--goals", type=int, default=100)
+    parser.add_argument("--vector", type=Path, default=None, help="reuse a saved vector instead of fitting one")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--rows", type=int, default=None, help="harmless-base rows to annotate (default: all)")
     parser.add_argument("--helpful_rows", type=int, default=None)
@@ -54,13 +55,17 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(dtype=parse_dtype(args.dtype))
     summary: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
-    goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
-    start = time.perf_counter()
-    # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
-    vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
-                              generation_batch_size=len(goals), batch_size=args.batch_size, progress=True)
-    summary["fit_seconds"] = round(time.perf_counter() - start, 1)
-    vec.save_pretrained(args.out / "vector")
+    if args.vector is not None:
+        vec = MarginVector.from_pretrained(args.vector)
+        summary["fit_seconds"] = f"reused {args.vector}"
+    else:
+        goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
+        start = time.perf_counter()
+        # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
+        vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
+                                  generation_batch_size=len(goals), batch_size=args.batch_size, progress=True)
+        summary["fit_seconds"] = round(time.perf_counter() - start, 1)
+        vec.save_pretrained(args.out / "vector")
     print(f"fitted {vec} in {summary['fit_seconds']} s")
 
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu",
@@ -70,6 +75,8 @@ def main() -> None:
         rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz"))
         print(f"{split}: dropping {len(errors)} unusable rows: {errors}")
         rows, skipped = rows[:limit], len(errors)
+        parts = args.out / f".{split}.jsonl.parts"
+        resumed = len(list(parts.glob("chunk-*.json"))) * 512 if parts.is_dir() else 0
         start = time.perf_counter()
         annotated = pipe.annotate(rows, num_bins=10, output=args.out / f"{split}.jsonl", max_length=args.max_length,
                                   truncation="left", resume=True)
@@ -77,11 +84,11 @@ def main() -> None:
         raw = torch.tensor(list(annotated["margin_raw"]))
         margins[split] = raw
         summary[split] = {
-            "pairs": len(rows), "unusable_rows_in_split": skipped,
+            "pairs": len(rows), "unusable_rows_in_split": skipped, "rows_resumed_from_checkpoints": resumed,
             "prompt_truncated_rows": len(pipe.last_truncated_rows),
             "share_margin_raw_positive": round(float((raw > 0).float().mean()), 4),
             "mean_margin_raw": round(float(raw.mean()), 4), "seconds": round(seconds, 1),
-            "pairs_per_second": round(len(rows) / seconds, 3),
+            "pairs_per_second": round((len(rows) - resumed) / seconds, 3),
         }
         print(split, summary[split], flush=True)
 
@@ -100,9 +107,8 @@ def main() -> None:
     ax.set_title(f"LEGEND margins, SmolLM2-135M-Instruct ({args.dtype}), vector from {args.goals} AdvBench goals")
     ax.legend()
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_figure(fig, args.plot)
+    write_json(args.out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
 
 

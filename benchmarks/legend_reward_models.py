@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +25,15 @@ from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
+from hf_repalign.data_files import read_jsonl
 from hf_repalign.models import embedded_model_path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_json  # noqa: E402
 
 
 def load_rows(path: Path, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_jsonl(path)
     fits = [r for r in rows if max(len(tokenizer(r[k])["input_ids"]) for k in ("chosen", "rejected")) <= max_length]
     return fits, len(rows)
 
@@ -88,8 +94,7 @@ def main() -> None:
     for use_margin in (False, True):
         report["with_margin" if use_margin else "no_margin"] = train(train_rows, eval_rows, tokenizer, use_margin, args)
         print(json.dumps(report, indent=2), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(args.out / "report.json", report)
 
 
 if __name__ == "__main__":
