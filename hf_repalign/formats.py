@@ -189,12 +189,9 @@ def render(tokenizer: Any, prompt: Prompt, response: str, template: Template = N
     return prompt + response
 
 
-def render_split(tokenizer: Any, prompt: Prompt, response: str, template: Template = None) -> tuple[str, str]:
-    """``render`` cut into (prompt part, response part), so their tokens can be told apart.
-
-    The cut is where two renders with different placeholder responses first differ, which works for chat
-    templates, format strings and callables alike.
-    """
+def prompt_prefix(tokenizer: Any, prompt: Prompt, template: Template = None) -> str:
+    """The rendered text that precedes any response: where two renders with different placeholder responses
+    first differ, which works for chat templates, format strings and callables alike."""
     a = render(tokenizer, prompt, "\ue000", template)
     b = render(tokenizer, prompt, "\ue001", template)
     cut = 0
@@ -202,10 +199,20 @@ def render_split(tokenizer: Any, prompt: Prompt, response: str, template: Templa
         if x != y:
             break
         cut += 1
+    return a[:cut]
+
+
+def _response_part(tokenizer: Any, prompt: Prompt, response: str, template: Template, prefix: str) -> str:
     full = render(tokenizer, prompt, response, template)
-    if not full.startswith(a[:cut]):
+    if not full.startswith(prefix):
         raise PreferenceFormatError("the template does not keep the prompt as a prefix of the rendered text.")
-    return full[:cut], full[cut:]
+    return full[len(prefix):]
+
+
+def render_split(tokenizer: Any, prompt: Prompt, response: str, template: Template = None) -> tuple[str, str]:
+    """``render`` cut into (prompt part, response part), so their tokens can be told apart."""
+    prefix = prompt_prefix(tokenizer, prompt, template)
+    return prefix, _response_part(tokenizer, prompt, response, template, prefix)
 
 
 def encode_pair(
@@ -215,10 +222,19 @@ def encode_pair(
 
     Prompt and response parts are tokenized separately so that the boundary is exact.
     """
-    prompt_text, response_text = render_split(tokenizer, prompt, response, template)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(response_ids), len(prompt_ids)
+    prompt_ids, (response_ids,) = encode_responses(tokenizer, prompt, [response], template)
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def encode_responses(
+    tokenizer: Any, prompt: Prompt, responses: Sequence[str], template: Template = None
+) -> tuple[list[int], list[list[int]]]:
+    """``(prompt ids, [response ids, ...])`` for several responses to one prompt, rendering and tokenizing the
+    prompt once; ``prompt ids + response ids`` equals :func:`encode_pair`'s ids for each response."""
+    prefix = prompt_prefix(tokenizer, prompt, template)
+    prompt_ids = list(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+    parts = [_response_part(tokenizer, prompt, response, template, prefix) for response in responses]
+    return prompt_ids, [list(ids) for ids in tokenizer(parts, add_special_tokens=False)["input_ids"]]
 
 
 def triplets(rows: Sequence[Mapping[str, Any]]) -> list[PreferenceTriplet]:

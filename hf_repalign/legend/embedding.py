@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pipelines.base import pad_collate_fn
 
-from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_pair
+from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_responses
 from ..hidden import hidden_states_at, pool_last, pool_mean, resolve_layers
 
 POOLINGS = ("last", "mean")
@@ -66,10 +66,10 @@ def encode_triplet(
     """
     item: dict[str, torch.Tensor] = {}
     truncated = 0
-    for side in SIDES:
+    prompt_ids, responses = encode_responses(tokenizer, triplet.prompt, [triplet.chosen, triplet.rejected], template)
+    for side, response_ids in zip(SIDES, responses):
         where = f"row {row}, field `{side}`" if row is not None else f"field `{side}`"
-        ids, n_prompt = encode_pair(tokenizer, triplet.prompt, getattr(triplet, side), template)
-        ids, n_prompt, cut = _fit_length(ids, n_prompt, max_length, truncation, where)
+        ids, n_prompt, cut = _fit_length(prompt_ids + response_ids, len(prompt_ids), max_length, truncation, where)
         truncated += int(cut)
         response = [0] * n_prompt + [1] * (len(ids) - n_prompt)
         item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.long)

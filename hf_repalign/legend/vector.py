@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..formats import Prompt, Template, render_split, to_triplet
+from ..formats import Prompt, Template, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import load_folder, push_folder, render_card, save_folder
 from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
@@ -263,7 +263,7 @@ def generate_responses(
     """The model's greedy answers to ``prompts``, rendered with the same template as the embeddings."""
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-    texts = [render_split(tokenizer, prompt, "x", template)[0] for prompt in prompts]
+    texts = [prompt_prefix(tokenizer, prompt, template) for prompt in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues after the prompt's last token
     responses = []
