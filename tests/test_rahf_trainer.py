@@ -195,3 +195,24 @@ def test_clear_errors(tmp_path, tokenizer, scit_adapter):
         _trainer(tmp_path, tokenizer, str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="loss_type"):
         _args(tmp_path, loss_type="l1")
+
+
+def test_interrupted_precompute_leaves_the_previous_targets_intact(tmp_path):
+    from hf_repalign.rahf.store import TargetStore, write_targets
+
+    old = [(i, torch.full((2, 3, 4), float(i))) for i in range(4)]
+    write_targets(tmp_path / "targets", old, LAYERS, shard_size=2)
+
+    def interrupted():
+        yield from [(i, torch.full((2, 3, 4), -1.0)) for i in range(3)]  # one full shard is flushed first
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_targets(tmp_path / "targets", interrupted(), LAYERS, shard_size=2)
+    store = TargetStore(tmp_path / "targets")
+    for i, tensor in old:
+        torch.testing.assert_close(store.get(i), tensor)
+    assert [p.name for p in tmp_path.iterdir()] == ["targets"]  # no temp folder left behind
+    with pytest.raises(KeyboardInterrupt):
+        write_targets(tmp_path / "fresh", interrupted(), LAYERS, shard_size=2)
+    assert not (tmp_path / "fresh").exists()
