@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ from transformers.utils import logging
 from ..formats import encode_pair, to_triplet
 from ..models import load_model_and_tokenizer
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
+from .trainer_mixin import RAHFTrainerMixin
 
 logger = logging.get_logger(__name__)
 
@@ -198,7 +198,7 @@ def prepare_train_eval(train_dataset: Any, eval_dataset: Any, build, columns, to
     return prepare(train_dataset), prepare(eval_dataset)
 
 
-class SCITTrainer(Trainer):
+class SCITTrainer(RAHFTrainerMixin, Trainer):
     """A ``Trainer`` for SCIT. Pass ``peft_config`` to train a LoRA instead of all weights.
 
     Logged metrics: ``logps/own``, ``logps/opposite`` and ``accuracy`` (share of examples with ``P > P*``).
@@ -232,9 +232,7 @@ class SCITTrainer(Trainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, **kwargs,
         )
-        # The loss is a per-batch mean, not a token sum: let the Trainer divide it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._setup_mixin()
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -246,14 +244,16 @@ class SCITTrainer(Trainer):
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
+    def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)  # one loss term per example (own + opposite rows)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         own, opposite = self._logps(model, inputs)
         losses = scit_loss(own, opposite, self.args.sft_weight, self.args.label_smoothing)
-        mode = "train" if model.training else "eval"
-        self._metrics[mode]["logps/own"].append(own.detach().mean().item())
-        self._metrics[mode]["logps/opposite"].append(opposite.detach().mean().item())
-        self._metrics[mode]["accuracy"].append((own > opposite).float().mean().item())
-        loss = losses.mean()
+        self._record(model, **{"logps/own": own.mean(), "logps/opposite": opposite.mean(),
+                               "accuracy": (own > opposite).float().mean()})
+        divisor = self._items_divisor(num_items_in_batch)
+        loss = losses.mean() if divisor is None else losses.sum() / divisor
         return (loss, torch.stack([own, opposite], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -263,12 +263,3 @@ class SCITTrainer(Trainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), logps.detach(), torch.zeros(logps.shape[0], device=logps.device)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
