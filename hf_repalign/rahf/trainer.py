@@ -227,8 +227,8 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
 
     ``instructed`` gives the instructed model(s): one for ``method="scit"``, a (good, bad) pair for
     ``method="dual"``. Each is an adapter folder (loaded onto the same base, preferred), the name of an adapter
-    already in ``model``, a model folder or an ``nn.Module`` (a separate model). Leave it ``None`` when
-    ``args.precomputed_targets`` is set.
+    already in ``model``, a model folder or an ``nn.Module`` (a separate model). It must be ``None`` when
+    ``args.precomputed_targets`` is set: then no instructed model is loaded.
     """
 
     _tag_names = ["hf_repalign", "rahf"]
@@ -249,6 +249,9 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         args = args or RAHFConfig(output_dir="rahf_output")
         if not isinstance(args, RAHFConfig):
             raise TypeError(f"args must be a RAHFConfig, got {type(args).__name__}.")
+        if args.precomputed_targets and instructed is not None:
+            raise ValueError("give `instructed` or `args.precomputed_targets`, not both: precomputed targets replace "
+                             "the instructed model(s), which are then not loaded.")
         model, tokenizer = load_causal_lm(model, processing_class)
         self.layers = target_layers(model, args.target_layers)
         if 0 in self.layers:
