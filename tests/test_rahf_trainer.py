@@ -245,3 +245,23 @@ def test_metrics_stay_on_device_until_logged(tmp_path, tokenizer, scit_adapter):
     logs = {"loss": 1.0}
     trainer.log(logs)
     assert isinstance(logs["target_shift"], float) and not trainer._metrics["train"]
+
+
+def test_scit_stimuli_share_one_no_grad_forward(tmp_path, tokenizer, scit_adapter, monkeypatch):
+    """Per step: base, p+ and p- together (one SCIT model), then the LoRA forward; Dual needs one more."""
+    from hf_repalign.rahf import trainer as rahf_trainer
+
+    calls, original = [], rahf_trainer.activity_patterns
+
+    def counted(model, input_ids, *args):
+        calls.append(input_ids.shape[0])
+        return original(model, input_ids, *args)
+
+    monkeypatch.setattr(rahf_trainer, "activity_patterns", counted)
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter)
+    trainer.compute_loss(trainer.model.train(), _batch(trainer))
+    assert calls == [2, 4, 2]
+    calls.clear()
+    dual = _trainer(tmp_path, tokenizer, (scit_adapter, scit_adapter), method="dual")
+    dual.compute_loss(dual.model.train(), _batch(dual))
+    assert calls == [2, 2, 2, 2]

@@ -2,8 +2,9 @@
 in memory beside the model being trained.
 
 Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
-``str(example_index)``; ``targets.json`` maps keys to shards and records the layers. The folder is written atomically (built beside its
-destination, then renamed): an interrupted precompute leaves the previous folder or none, never a partial one.
+``str(example_index)``; ``targets.json`` maps keys to shards and records the layers. The folder is written
+atomically (built beside its destination, then renamed): an interrupted precompute leaves the previous folder or
+none, never a partial one.
 
 Example:
     >>> trainer.precompute_targets("out/targets")          # with the instructed model(s) loaded

@@ -336,10 +336,15 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         if self.store is not None:
             return self.store.batch(inputs["example_index"], mask, like.shape[-1], like.dtype)
         peft_model = self.accelerator.unwrap_model(self.model)
-        positive = self.positive.patterns(peft_model, inputs["positive_input_ids"],
-                                          inputs["positive_attention_mask"], self.layers)
-        negative = self.negative.patterns(peft_model, inputs["negative_input_ids"],
-                                          inputs["negative_attention_mask"], self.layers)
+        if self.positive is self.negative:  # one instructed model (SCIT): p+ and p- stimuli in one forward
+            ids = torch.cat([inputs["positive_input_ids"], inputs["negative_input_ids"]])
+            attention = torch.cat([inputs["positive_attention_mask"], inputs["negative_attention_mask"]])
+            positive, negative = self.positive.patterns(peft_model, ids, attention, self.layers).chunk(2, dim=1)
+        else:
+            positive = self.positive.patterns(peft_model, inputs["positive_input_ids"],
+                                              inputs["positive_attention_mask"], self.layers)
+            negative = self.negative.patterns(peft_model, inputs["negative_input_ids"],
+                                              inputs["negative_attention_mask"], self.layers)
         return difference_vectors(positive, negative, mask, mask)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
