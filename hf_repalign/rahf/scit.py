@@ -152,6 +152,21 @@ def prepare_preference_dataset(dataset: Any, function, columns: list[str], **fn_
     )
 
 
+def pad_with_response_labels(sequences: list[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(ids, n_prompt)`` pairs -> right-padded ``input_ids``, ``attention_mask`` and ``labels`` (the response
+    tokens; ``-100`` on the prompt and the padding), ready for :func:`response_logps`."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, (ids, n_prompt) in enumerate(sequences):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = ids[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 @dataclass
 class SCITCollator:
     """Pads own and opposite sequences (right padding) into one ``(2B, T)`` batch with response-only labels."""
@@ -161,16 +176,7 @@ class SCITCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [(f["input_ids"], f["prompt_length"]) for f in features]
         sequences += [(f["opposite_input_ids"], f["opposite_prompt_length"]) for f in features]
-        width = max(len(ids) for ids, _ in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, n_prompt) in enumerate(sequences):
-            ids = torch.as_tensor(ids, dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-            labels[row, n_prompt : len(ids)] = ids[n_prompt:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_with_response_labels(sequences, self.pad_token_id)
 
 
 def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
