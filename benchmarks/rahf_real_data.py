@@ -31,7 +31,7 @@ from hf_repalign.formats import PreferenceFormatError, encode_pair, to_triplet
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import DualConfig, RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, train_dual
 from hf_repalign.rahf.instructions import instructed_template
-from hf_repalign.rahf.scit import response_logps
+from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
 
 def load_pairs(args, tokenizer):
     rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
@@ -68,16 +68,9 @@ def loglik(model, tokenizer, items, normalize, batch_size=8):
     out = []
     for start in range(0, len(items), batch_size):
         encoded = [encode_pair(tokenizer, p, r, template) for p, r in items[start : start + batch_size]]
-        width = max(len(ids) for ids, _ in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, (seq, n) in enumerate(encoded):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, n : len(seq)] = torch.tensor(seq[n:])
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        out += response_logps(logits, labels, normalize).tolist()
+        batch = pad_with_response_labels(encoded, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out += response_logps(logits, batch["labels"], normalize).tolist()
     return out
 
 

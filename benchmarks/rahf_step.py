@@ -126,31 +126,23 @@ def dpo_step_plain(model, tokenizer, rows, args, device, dtype, work, beta: floa
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
+    from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
+
     policy = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM")).train()
     batch_rows = rows[: args.batch]
-    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in batch_rows] + [r["prompt_ids"] + r["rejected_ids"]
-                                                                       for r in batch_rows]
-    width = max(len(x) for x in seqs)
-    input_ids = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    prompts = [len(r["prompt_ids"]) for r in batch_rows] * 2
-    for i, (seq, n) in enumerate(zip(seqs, prompts)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-        labels[i, n : len(seq)] = torch.tensor(seq[n:])
+    sequences = [(r["prompt_ids"] + r[side], len(r["prompt_ids"])) for side in ("chosen_ids", "rejected_ids")
+                 for r in batch_rows]
+    batch = {k: v.to(device) for k, v in pad_with_response_labels(sequences, pad_token_id=0).items()}
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-
-    def logps(logits):
-        shifted = labels[:, 1:]
-        per_token = -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shifted.clamp(min=0), reduction="none")
-        return (per_token * (shifted != -100)).sum(-1)
 
     def step():
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            policy_logps = logps(policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+            logits = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            policy_logps = response_logps(logits, labels)
             with torch.no_grad(), policy.disable_adapter():
-                ref_logps = logps(policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+                ref_logits = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                ref_logps = response_logps(ref_logits, labels)
         chosen, rejected = policy_logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         loss = -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()

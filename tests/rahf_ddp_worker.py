@@ -11,8 +11,10 @@ from safetensors.torch import save_file  # noqa: E402
 from hf_repalign.rahf.trainer import RAHFConfig, RAHFTrainer  # noqa: E402
 from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
-# Equal response lengths: each rank's mean then weighs tokens like the single-process batch does.
-ROWS = [{"prompt": f"Question number {i}?", "chosen": f"Answer {i:02d}.", "rejected": f"Nope {i:02d}"} for i in range(8)]
+# Unequal response lengths: the ranks' loss items are counted across processes (num_items_in_batch), so the
+# result still equals one process on the global batch.
+ROWS = [{"prompt": f"Question number {i}?", "chosen": "Yes" + "!" * (3 * i), "rejected": f"Nope {i:02d}"}
+        for i in range(8)]
 
 
 def run(adapter: str, out: str, per_device: int) -> RAHFTrainer:

@@ -1,6 +1,7 @@
 """`repalign rahf scit | dual | align` end to end on a tiny model, with flags and with a YAML config."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from peft import PeftModel
@@ -30,8 +31,10 @@ def setup(tmp_path, tokenizer, monkeypatch):
 
 def test_scit_then_align_with_flags_and_yaml(setup, tokenizer):
     tmp_path, model_dir, common = setup
-    assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(tmp_path / "scit")]) == 0
-    assert (tmp_path / "scit" / "adapter_config.json").is_file()
+    assert cli.main(["rahf", "scit", *common, "--use_peft", "--peft_r", "4", "--peft_alpha", "12",
+                     "--output_dir", str(tmp_path / "scit")]) == 0
+    adapter = json.loads((tmp_path / "scit" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 12)
     config = tmp_path / "align.yaml"
     config.write_text(f"alpha: 2.0\ntarget_layers: [1, 2]\ninstructed: ['{tmp_path / 'scit'}']\n"
                       f"output_dir: {tmp_path / 'rahf'}\ndataset_name: toy\n")
@@ -56,3 +59,45 @@ def test_missing_dataset_is_a_clear_error(setup):
     with pytest.raises(SystemExit, match="--dataset is required"):
         cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "x"),
                   "--report_to", "none"])
+
+
+def test_align_takes_lora_flags_not_peft_flags(setup, capsys):
+    tmp_path, model_dir, common = setup
+    with pytest.raises(SystemExit):
+        cli.main(["rahf", "align", *common, "--peft_r", "4", "--output_dir", str(tmp_path / "x")])
+    assert "--peft_r" in capsys.readouterr().err
+    parser = cli.build_parser()
+    namespace = parser.parse_args(["rahf", "align", "--lora_r", "4", "--lora_alpha", "12", "--output_dir", "x"])
+    assert (namespace.lora_r, namespace.lora_alpha) == (4, 12)
+
+
+def test_align_on_precomputed_targets_loads_no_instructed_model(setup, tokenizer, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_repalign.rahf import trainer as rahf_trainer
+
+    tmp_path, model_dir, common = setup
+    adapter = tmp_path / "scit"
+    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)),
+                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(str(adapter))
+    args = rahf_trainer.RAHFConfig(output_dir=str(tmp_path / "pre"), report_to="none", use_cpu=True)
+    live = rahf_trainer.RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,
+                                    processing_class=tokenizer, instructed=str(adapter))
+    targets = live.precompute_targets(tmp_path / "targets")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an instructed model was loaded")
+
+    monkeypatch.setattr(rahf_trainer, "_load_adapter", forbidden)
+    monkeypatch.setattr(rahf_trainer, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=forbidden))
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(["rahf", "align", *common, "--precomputed_targets", str(targets), "--instructed", str(adapter),
+                  "--output_dir", str(tmp_path / "rahf")])
+    with pytest.raises(ValueError, match="not both"):
+        rahf_trainer.RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)),
+                                 rahf_trainer.RAHFConfig(output_dir="x", report_to="none", use_cpu=True,
+                                                         precomputed_targets=str(targets)),
+                                 train_dataset=ROWS, processing_class=tokenizer, instructed=str(adapter))
+    assert cli.main(["rahf", "align", *common, "--precomputed_targets", str(targets),
+                     "--output_dir", str(tmp_path / "rahf")]) == 0
+    assert (tmp_path / "rahf" / "adapter_model.safetensors").is_file()

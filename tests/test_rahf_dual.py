@@ -1,5 +1,6 @@
 """Dual (RAHF step 1b): response-only SFT data, two adapters on one base, usable by RAHFTrainer."""
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
@@ -47,3 +48,37 @@ def test_train_dual_gives_two_adapters_on_one_base(tmp_path, tokenizer):
     batch = rahf.data_collator([rahf.train_dataset[i] for i in range(2)])
     assert rahf._difference(batch, batch["input_ids"]).abs().sum() > 0
     rahf.train()
+
+
+def _dual_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "dual"), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                use_cpu=True, save_strategy="no", learning_rate=1e-2, max_length=None)
+    base.update(kw)
+    return DualConfig(**base)
+
+
+def test_a_response_cut_away_by_max_length_is_an_error_naming_row_and_field(tmp_path, tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    rows = ROWS[:2] + [{"prompt": "Please tell me a long story. " * 4, "chosen": "Fine.", "rejected": "No."}]
+    lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="row 2, field 'chosen'.*max_length=100"):
+        train_dual(model, tokenizer, rows, _dual_args(tmp_path, max_length=100), peft_config=lora)
+    assert len(dual_dataset(rows, tokenizer, "chosen", max_length=200)) == 3
+
+
+def test_interrupted_save_keeps_the_previous_adapter_folder(tmp_path, tokenizer, monkeypatch):
+    lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    folders = train_dual(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ROWS, _dual_args(tmp_path),
+                         peft_config=lora)
+    before = (folders["good"] / "adapter_model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoraConfig, "save_pretrained", crash)  # after the weights file is written
+    with pytest.raises(KeyboardInterrupt):
+        train_dual(tiny_model("llama", vocab_size=len(tokenizer), seed=3), tokenizer, ROWS, _dual_args(tmp_path),
+                   peft_config=lora)
+    assert (folders["good"] / "adapter_model.safetensors").read_bytes() == before
+    assert (folders["good"] / "adapter_config.json").is_file()
+    assert not [p.name for p in (tmp_path / "dual").iterdir() if p.name.startswith(".")]

@@ -110,14 +110,16 @@ def test_scit_loss_function_and_smoothing_bounds():
         SCITConfig(output_dir="x", label_smoothing=0.7, report_to="none")
 
 
-def test_gradient_accumulation_is_scaled(tmp_path, tokenizer):
-    """One optimizer step on 4 examples equals 2 accumulated micro-batches of 2 (SGD, no shuffling effects)."""
+@pytest.mark.parametrize("n_rows, whole, split", [(2, 4, 2), (3, 6, 4)])
+def test_gradient_accumulation_weighs_examples_equally(tmp_path, tokenizer, n_rows, whole, split):
+    """One optimizer step on the whole batch equals 2 accumulated micro-batches (SGD), also when the second is
+    partial (3 rows = 6 examples: 4 + 2)."""
     weights = []
-    for batch, accumulation in ((4, 1), (2, 2)):
+    for batch, accumulation in ((whole, 1), (split, 2)):
         model = tiny_model("llama", vocab_size=len(tokenizer))
         args = _args(tmp_path / f"{batch}", per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=1e9)
-        trainer = SCITTrainer(model, args, train_dataset=ROWS[:2], processing_class=tokenizer)
+        trainer = SCITTrainer(model, args, train_dataset=ROWS[:n_rows], processing_class=tokenizer)
         trainer.train()
         weights.append(model.model.embed_tokens.weight.detach().clone())
     untouched = tiny_model("llama", vocab_size=len(tokenizer)).model.embed_tokens.weight
@@ -193,3 +195,4 @@ def test_multi_turn_prompts_and_chat_templates_carry_the_instruction(tokenizer, 
     assert chat.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
     assert chat.endswith("<|im_start|>assistant\nSee you.<|im_end|>\n")
     assert "system" not in instructed_template(tokenizer, "")("Hi", "Yo")
+

@@ -195,3 +195,73 @@ def test_clear_errors(tmp_path, tokenizer, scit_adapter):
         _trainer(tmp_path, tokenizer, str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="loss_type"):
         _args(tmp_path, loss_type="l1")
+
+
+def test_interrupted_precompute_leaves_the_previous_targets_intact(tmp_path):
+    from hf_repalign.rahf.store import TargetStore, write_targets
+
+    old = [(i, torch.full((2, 3, 4), float(i))) for i in range(4)]
+    write_targets(tmp_path / "targets", old, LAYERS, shard_size=2)
+
+    def interrupted():
+        yield from [(i, torch.full((2, 3, 4), -1.0)) for i in range(3)]  # one full shard is flushed first
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_targets(tmp_path / "targets", interrupted(), LAYERS, shard_size=2)
+    store = TargetStore(tmp_path / "targets")
+    for i, tensor in old:
+        torch.testing.assert_close(store.get(i), tensor)
+    assert [p.name for p in tmp_path.iterdir()] == ["targets"]  # no temp folder left behind
+    with pytest.raises(KeyboardInterrupt):
+        write_targets(tmp_path / "fresh", interrupted(), LAYERS, shard_size=2)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_gradient_accumulation_weighs_every_valid_position_equally(tmp_path, tokenizer, scit_adapter):
+    """One step on 4 rows == 2 accumulated micro-batches of 2 whose valid-position counts differ (2+2 vs 6+6)."""
+    rows = [{"prompt": "Hi?", "chosen": "Y", "rejected": "N"}, {"prompt": "Ok?", "chosen": "N", "rejected": "Y"},
+            {"prompt": "Why?", "chosen": "Because it is.", "rejected": "No."},
+            {"prompt": "How?", "chosen": "Slowly and well.", "rejected": "Eh."}]
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        trainer = _trainer(tmp_path / f"{batch}", tokenizer, scit_adapter, rows=rows, per_device_train_batch_size=batch,
+                           gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+                           lr_scheduler_type="constant", max_grad_norm=1e9, logging_steps=1)
+        counts = [trainer._count_items(trainer.data_collator([trainer.train_dataset[i]])).item() for i in range(4)]
+        assert counts[0] < counts[2]  # short and long responses: unequal micro-batches
+        trainer.train()
+        weights.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k})
+        assert isinstance(trainer.state.log_history[0]["lora_shift"], float)
+    assert any(v.abs().sum() > 0 for v in weights[0].values())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_stay_on_device_until_logged(tmp_path, tokenizer, scit_adapter):
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter)
+    trainer.compute_loss(trainer.model.train(), _batch(trainer))
+    assert all(isinstance(v, torch.Tensor) for values in trainer._metrics["train"].values() for v in values)
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert isinstance(logs["target_shift"], float) and not trainer._metrics["train"]
+
+
+def test_scit_stimuli_share_one_no_grad_forward(tmp_path, tokenizer, scit_adapter, monkeypatch):
+    """Per step: base, p+ and p- together (one SCIT model), then the LoRA forward; Dual needs one more."""
+    from hf_repalign.rahf import trainer as rahf_trainer
+
+    calls, original = [], rahf_trainer.activity_patterns
+
+    def counted(model, input_ids, *args):
+        calls.append(input_ids.shape[0])
+        return original(model, input_ids, *args)
+
+    monkeypatch.setattr(rahf_trainer, "activity_patterns", counted)
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter)
+    trainer.compute_loss(trainer.model.train(), _batch(trainer))
+    assert calls == [2, 4, 2]
+    calls.clear()
+    dual = _trainer(tmp_path, tokenizer, (scit_adapter, scit_adapter), method="dual")
+    dual.compute_loss(dual.model.train(), _batch(dual))
+    assert calls == [2, 2, 2, 2]

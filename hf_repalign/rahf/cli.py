@@ -31,18 +31,24 @@ class _Common:
                                                                  "or Hub id (TRL preference format)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to load."})
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA (scit/dual) instead of all weights."})
+
+
+@dataclass
+class _Peft:
+    """LoRA flags of scit/dual (align has its own, ``--lora_r`` etc., since it always trains a LoRA)."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA instead of all weights."})
     peft_r: int = field(default=8, metadata={"help": "LoRA rank for --use_peft."})
     peft_alpha: int = field(default=16, metadata={"help": "LoRA alpha for --use_peft."})
 
 
 @dataclass
-class SCITCommand(_Common, SCITConfig):
+class SCITCommand(_Common, _Peft, SCITConfig):
     pass
 
 
 @dataclass
-class DualCommand(_Common, DualConfig):
+class DualCommand(_Common, _Peft, DualConfig):
     use_peft: bool = field(default=True, metadata={"help": "Good/bad as two LoRA adapters on one base."})
 
 
@@ -79,7 +85,7 @@ def _load(args: _Common):
     return model.train(), tokenizer
 
 
-def _lora(args: _Common):
+def _lora(args: _Peft):
     from peft import LoraConfig
 
     return LoraConfig(r=args.peft_r, lora_alpha=args.peft_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -118,8 +124,9 @@ def run_dual(args: DualCommand) -> int:
 def run_align(args: AlignCommand) -> int:
     from .trainer import RAHFTrainer
 
-    if args.use_peft:
-        raise SystemExit("--use_peft is for scit/dual; align always trains a fresh LoRA (set --lora_r/--lora_alpha).")
+    if args.precomputed_targets and args.instructed:
+        raise SystemExit("--instructed and --precomputed_targets exclude each other: precomputed targets replace "
+                         "the instructed model(s), which are then not loaded.")
     model, tokenizer = _load(args)
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=load_rows(args.dataset,

@@ -25,6 +25,7 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from ..formats import encode_pair, to_triplet
+from ..hub import atomic_folder
 from .instructions import instructed_template
 
 logger = logging.get_logger(__name__)
@@ -45,28 +46,43 @@ class DualConfig(SFTConfig):
 
 def build_dual_examples(
     rows: dict[str, list], indices: list[int], tokenizer: Any, side: str, instruction: str,
-    prompt_format: str | None,
+    prompt_format: str | None, max_length: int | None = None,
 ) -> dict[str, list]:
-    """Batched ``datasets.map`` function: preference rows -> ``input_ids`` + ``completion_mask`` of one side."""
+    """Batched ``datasets.map`` function: preference rows -> ``input_ids`` + ``completion_mask`` of one side.
+
+    A row left without response tokens (empty, or cut away by ``max_length``, which ``SFTTrainer`` applies from
+    the end) is an error: TRL would drop it silently.
+    """
     template = instructed_template(tokenizer, instruction, prompt_format)
     out: dict[str, list] = {"input_ids": [], "completion_mask": []}
     names = list(rows)
+    truncated = 0
     for j, row_index in enumerate(indices):
         triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
         ids, n_prompt = encode_pair(tokenizer, triplet.prompt, getattr(triplet, side), template)
+        kept = len(ids) if max_length is None else min(len(ids), max_length)
+        if kept <= n_prompt:
+            reason = "has no tokens" if len(ids) == n_prompt else (
+                f"is cut away entirely by max_length={max_length} (the prompt has {n_prompt} tokens)")
+            raise ValueError(f"row {row_index}, field {side!r}: the response {reason}; nothing to train on. Raise "
+                             "max_length or remove the row.")
+        truncated += kept < len(ids)
         out["input_ids"].append(ids)
         out["completion_mask"].append([0] * n_prompt + [1] * (len(ids) - n_prompt))
+    if truncated:
+        logger.warning(f"Dual: {truncated} {side} response(s) will be cut to max_length={max_length}.")
     return out
 
 
 def dual_dataset(dataset: Any, tokenizer: Any, side: str, instruction: str = "",
-                 prompt_format: str | None = None) -> Dataset:
+                 prompt_format: str | None = None, max_length: int | None = None) -> Dataset:
     """The SFT dataset of one side (``"chosen"`` or ``"rejected"``) of a preference dataset."""
     if isinstance(dataset, list):
         dataset = Dataset.from_list(dataset)
     return dataset.map(
         build_dual_examples, batched=True, with_indices=True, remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "side": side, "instruction": instruction, "prompt_format": prompt_format},
+        fn_kwargs={"tokenizer": tokenizer, "side": side, "instruction": instruction, "prompt_format": prompt_format,
+                   "max_length": max_length},
         desc=f"Tokenizing {side} responses",
     )
 
@@ -76,13 +92,17 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(peft_model.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(str(directory))
+
+
+def _sharded(trainer: Any) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or getattr(plugin, "zero_stage", 0) == 3
 
 
 def train_dual(
@@ -103,6 +123,9 @@ def train_dual(
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if args.truncation_mode != "keep_start":
+        raise ValueError("Dual supports truncation_mode='keep_start' only (its check that responses survive "
+                         "max_length assumes it).")
     root = Path(args.output_dir)
     peft_model = None
     if peft_config is not None:
@@ -111,9 +134,9 @@ def train_dual(
     folders = {}
     for name, side in SIDES.items():
         instruction = args.good_instruction if name == "good" else args.bad_instruction
-        data = dual_dataset(train_dataset, tokenizer, side, instruction, args.prompt_format)
-        evaluation = None if eval_dataset is None else dual_dataset(eval_dataset, tokenizer, side, instruction,
-                                                                    args.prompt_format)
+        data, evaluation = (None if rows is None else dual_dataset(rows, tokenizer, side, instruction,
+                                                                   args.prompt_format, args.max_length)
+                            for rows in (train_dataset, eval_dataset))
         side_args = dataclasses.replace(args, output_dir=str(root / f"{name}_checkpoints"))
         if peft_model is not None:
             peft_model.set_adapter(name)
@@ -122,14 +145,16 @@ def train_dual(
             trained = copy.deepcopy(model)
         trainer = SFTTrainer(model=trained, args=side_args, train_dataset=data, eval_dataset=evaluation,
                              processing_class=tokenizer, **trainer_kwargs)
+        if peft_model is None and _sharded(trainer):
+            raise ValueError("full fine-tuning Dual cannot save under FSDP / DeepSpeed ZeRO-3; pass a peft_config.")
         trainer.train()
         folders[name] = root / name
-        if peft_model is not None:
-            if trainer.args.should_save:
-                _save_adapter(peft_model, name, folders[name])
-        else:
-            trainer.save_model(str(folders[name]))
         if trainer.args.should_save:
-            trainer.state.save_to_json(str(folders[name] / "trainer_state.json"))  # the loss history
+            with atomic_folder(folders[name]) as tmp:
+                if peft_model is not None:
+                    _save_adapter(peft_model, name, tmp)
+                else:
+                    trainer._save(str(tmp))  # full weights on the main process (sharded setups are refused above)
+                trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the loss history
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
     return folders

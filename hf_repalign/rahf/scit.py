@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ from transformers.utils import logging
 from ..formats import encode_pair, to_triplet
 from ..models import load_model_and_tokenizer
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
+from .trainer_mixin import RAHFTrainerMixin
 
 logger = logging.get_logger(__name__)
 
@@ -152,6 +152,21 @@ def prepare_preference_dataset(dataset: Any, function, columns: list[str], **fn_
     )
 
 
+def pad_with_response_labels(sequences: list[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(ids, n_prompt)`` pairs -> right-padded ``input_ids``, ``attention_mask`` and ``labels`` (the response
+    tokens; ``-100`` on the prompt and the padding), ready for :func:`response_logps`."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, (ids, n_prompt) in enumerate(sequences):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = ids[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 @dataclass
 class SCITCollator:
     """Pads own and opposite sequences (right padding) into one ``(2B, T)`` batch with response-only labels."""
@@ -161,16 +176,7 @@ class SCITCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [(f["input_ids"], f["prompt_length"]) for f in features]
         sequences += [(f["opposite_input_ids"], f["opposite_prompt_length"]) for f in features]
-        width = max(len(ids) for ids, _ in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, n_prompt) in enumerate(sequences):
-            ids = torch.as_tensor(ids, dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-            labels[row, n_prompt : len(ids)] = ids[n_prompt:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_with_response_labels(sequences, self.pad_token_id)
 
 
 def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
@@ -198,7 +204,7 @@ def prepare_train_eval(train_dataset: Any, eval_dataset: Any, build, columns, to
     return prepare(train_dataset), prepare(eval_dataset)
 
 
-class SCITTrainer(Trainer):
+class SCITTrainer(RAHFTrainerMixin, Trainer):
     """A ``Trainer`` for SCIT. Pass ``peft_config`` to train a LoRA instead of all weights.
 
     Logged metrics: ``logps/own``, ``logps/opposite`` and ``accuracy`` (share of examples with ``P > P*``).
@@ -232,9 +238,7 @@ class SCITTrainer(Trainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, **kwargs,
         )
-        # The loss is a per-batch mean, not a token sum: let the Trainer divide it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._setup_mixin()
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -246,14 +250,16 @@ class SCITTrainer(Trainer):
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
+    def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)  # one loss term per example (own + opposite rows)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         own, opposite = self._logps(model, inputs)
         losses = scit_loss(own, opposite, self.args.sft_weight, self.args.label_smoothing)
-        mode = "train" if model.training else "eval"
-        self._metrics[mode]["logps/own"].append(own.detach().mean().item())
-        self._metrics[mode]["logps/opposite"].append(opposite.detach().mean().item())
-        self._metrics[mode]["accuracy"].append((own > opposite).float().mean().item())
-        loss = losses.mean()
+        self._record(model, **{"logps/own": own.mean(), "logps/opposite": opposite.mean(),
+                               "accuracy": (own > opposite).float().mean()})
+        divisor = self._items_divisor(num_items_in_batch)
+        loss = losses.mean() if divisor is None else losses.sum() / divisor
         return (loss, torch.stack([own, opposite], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -263,12 +269,3 @@ class SCITTrainer(Trainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), logps.detach(), torch.zeros(logps.shape[0], device=logps.device)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)

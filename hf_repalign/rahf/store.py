@@ -2,7 +2,9 @@
 in memory beside the model being trained.
 
 Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
-``str(example_index)``; ``targets.json`` maps keys to shards and records the layers.
+``str(example_index)``; ``targets.json`` maps keys to shards and records the layers. The folder is written
+atomically (built beside its destination, then renamed): an interrupted precompute leaves the previous folder or
+none, never a partial one.
 
 Example:
     >>> trainer.precompute_targets("out/targets")          # with the instructed model(s) loaded
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..hub import atomic_write_text
+from ..hub import atomic_folder
 
 INDEX_NAME = "targets.json"
 
@@ -30,28 +32,26 @@ def write_targets(
 ) -> Path:
     """Write ``(example_index, (n_layers, r, H) tensor)`` pairs into shards of ``shard_size`` examples."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     names: list[str] = []
+    with atomic_folder(directory) as tmp:
 
-    def flush():
-        if shard:
-            name = f"targets-{len(names):05d}.safetensors"
-            tmp = directory / f".{name}.tmp"
-            save_file(shard, str(tmp))
-            os.replace(tmp, directory / name)
-            names.append(name)
-            weight_map.update({key: name for key in shard})
-            shard.clear()
+        def flush():
+            if shard:
+                name = f"targets-{len(names):05d}.safetensors"
+                save_file(shard, str(tmp / name))
+                names.append(name)
+                weight_map.update({key: name for key in shard})
+                shard.clear()
 
-    for index, tensor in items:
-        shard[str(int(index))] = tensor.detach().contiguous().cpu()
-        if len(shard) >= shard_size:
-            flush()
-    flush()
-    index = {"layers": list(layers), "num_examples": len(weight_map), "weight_map": weight_map}
-    atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+        for index, tensor in items:
+            shard[str(int(index))] = tensor.detach().contiguous().cpu()
+            if len(shard) >= shard_size:
+                flush()
+        flush()
+        index = {"layers": list(layers), "num_examples": len(weight_map), "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
     return directory
 
 

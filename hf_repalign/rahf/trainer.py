@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import types
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instr
 from .patterns import active_adapter, activity_patterns, align_stimuli, difference_vectors, target_layers
 from .scit import load_causal_lm, prepare_train_eval
 from .store import TargetStore, write_targets
+from .trainer_mixin import RAHFTrainerMixin
 
 logger = logging.get_logger(__name__)
 
@@ -50,13 +50,14 @@ ADAPTER = "default"  # the trained adapter; Trainer's checkpoint/resume code exp
 
 def rahf_loss(
     lora: torch.Tensor, base: torch.Tensor, difference: torch.Tensor, mask: torch.Tensor,
-    alpha: float = 5.0, loss_type: str = "l2",
+    alpha: float = 5.0, loss_type: str = "l2", num_items: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """RAHF's representation loss on stacked (n_layers, B, T, H) states; ``mask`` (B, T) marks valid positions.
 
     ``"l2"``: the mean over layers and valid positions of ``||lora - (base + alpha * difference)||_2``;
     ``"mse"``: the mean squared error over the same positions (and the hidden dimension). Masked positions never
-    enter the mean; with no valid position the loss is 0.
+    enter the mean; with no valid position the loss is 0. ``num_items`` replaces the count of valid entries as the
+    divisor (gradient accumulation: the count over all micro-batches of the step).
     """
     error = (lora - (base + alpha * difference)).float()
     if loss_type == "l2":
@@ -67,7 +68,7 @@ def rahf_loss(
         raise ValueError(f"loss_type must be 'l2' or 'mse', got {loss_type!r}.")
     valid = mask.bool().unsqueeze(0).expand_as(per_position)
     per_position = torch.where(valid, per_position, torch.zeros_like(per_position))
-    return per_position.sum() / valid.sum().clamp(min=1)
+    return per_position.sum() / (valid.sum().clamp(min=1) if num_items is None else num_items)
 
 
 @dataclass
@@ -221,13 +222,13 @@ def _load_adapter(peft_model: nn.Module, path: Path, name: str) -> None:
                          f"{str(err).splitlines()[0][:300]}") from err
 
 
-class RAHFTrainer(Trainer):
+class RAHFTrainer(RAHFTrainerMixin, Trainer):
     """A ``Trainer`` for RAHF's representation alignment with a fresh LoRA (see the module docstring).
 
     ``instructed`` gives the instructed model(s): one for ``method="scit"``, a (good, bad) pair for
     ``method="dual"``. Each is an adapter folder (loaded onto the same base, preferred), the name of an adapter
-    already in ``model``, a model folder or an ``nn.Module`` (a separate model). Leave it ``None`` when
-    ``args.precomputed_targets`` is set.
+    already in ``model``, a model folder or an ``nn.Module`` (a separate model). It must be ``None`` when
+    ``args.precomputed_targets`` is set: then no instructed model is loaded.
     """
 
     _tag_names = ["hf_repalign", "rahf"]
@@ -248,6 +249,9 @@ class RAHFTrainer(Trainer):
         args = args or RAHFConfig(output_dir="rahf_output")
         if not isinstance(args, RAHFConfig):
             raise TypeError(f"args must be a RAHFConfig, got {type(args).__name__}.")
+        if args.precomputed_targets and instructed is not None:
+            raise ValueError("give `instructed` or `args.precomputed_targets`, not both: precomputed targets replace "
+                             "the instructed model(s), which are then not loaded.")
         model, tokenizer = load_causal_lm(model, processing_class)
         self.layers = target_layers(model, args.target_layers)
         if 0 in self.layers:
@@ -282,13 +286,11 @@ class RAHFTrainer(Trainer):
                                                         args.max_response_tokens))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, **kwargs)
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+        self._setup_mixin()
         model.forward = types.MethodType(_hidden_forward, model)
         for source in (self.positive, self.negative):
             if source is not None and source.model is not None:
                 source.model.to(self.args.device).eval().requires_grad_(False)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
     def _resolve_sources(model: nn.Module, instructed: Any, args: RAHFConfig) -> tuple[_Source | None, ...]:
@@ -326,15 +328,23 @@ class RAHFTrainer(Trainer):
         if self._signature_columns is None:
             self._signature_columns = list(RAHF_COLUMNS)
 
+    def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["response_mask"].sum() * len(self.layers)  # one loss term per valid (layer, position)
+
     def _difference(self, inputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         mask = inputs["response_mask"]
         if self.store is not None:
             return self.store.batch(inputs["example_index"], mask, like.shape[-1], like.dtype)
         peft_model = self.accelerator.unwrap_model(self.model)
-        positive = self.positive.patterns(peft_model, inputs["positive_input_ids"],
-                                          inputs["positive_attention_mask"], self.layers)
-        negative = self.negative.patterns(peft_model, inputs["negative_input_ids"],
-                                          inputs["negative_attention_mask"], self.layers)
+        if self.positive is self.negative:  # one instructed model (SCIT): p+ and p- stimuli in one forward
+            ids = torch.cat([inputs["positive_input_ids"], inputs["negative_input_ids"]])
+            attention = torch.cat([inputs["positive_attention_mask"], inputs["negative_attention_mask"]])
+            positive, negative = self.positive.patterns(peft_model, ids, attention, self.layers).chunk(2, dim=1)
+        else:
+            positive = self.positive.patterns(peft_model, inputs["positive_input_ids"],
+                                              inputs["positive_attention_mask"], self.layers)
+            negative = self.negative.patterns(peft_model, inputs["negative_input_ids"],
+                                              inputs["negative_attention_mask"], self.layers)
         return difference_vectors(positive, negative, mask, mask)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -345,13 +355,12 @@ class RAHFTrainer(Trainer):
             difference = self._difference(inputs, base)
         lora = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], rahf_layers=self.layers)
         mask = inputs["response_mask"]
-        loss = rahf_loss(lora, base, difference, mask, self.args.alpha, self.args.loss_type)
+        loss = rahf_loss(lora, base, difference, mask, self.args.alpha, self.args.loss_type,
+                         self._items_divisor(num_items_in_batch))
         with torch.no_grad():
             valid = mask.bool()
-            mode = "train" if model.training else "eval"
-            shift = (self.args.alpha * difference).norm(dim=-1)[:, valid]
-            self._metrics[mode]["target_shift"].append(shift.mean().item())
-            self._metrics[mode]["lora_shift"].append((lora - base).norm(dim=-1)[:, valid].mean().item())
+            self._record(model, target_shift=(self.args.alpha * difference).norm(dim=-1)[:, valid].mean(),
+                         lora_shift=(lora - base).norm(dim=-1)[:, valid].mean())
         return (loss, lora) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -359,15 +368,6 @@ class RAHFTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
 
     @torch.no_grad()
     def precompute_targets(self, directory: str | os.PathLike, batch_size: int | None = None,

@@ -1,0 +1,65 @@
+"""What ``SCITTrainer`` and ``RAHFTrainer`` share: metrics logged with one device sync, and gradient accumulation
+that weighs every loss item (an example, a valid layer-position) equally, however the micro-batches split them.
+
+Under gradient accumulation the Trainer counts the items of all micro-batches of one optimizer step (and, with
+``average_tokens_across_devices``, of all processes) and passes that count to ``compute_loss`` as
+``num_items_in_batch``; each micro-batch's loss is then its *sum* divided by that global count, so the step's
+gradient equals the one of the whole batch at once. Without a count (evaluation, older transformers) the loss is the
+micro-batch mean and the Trainer divides it by the accumulation steps.
+
+Example:
+    >>> class MyTrainer(RAHFTrainerMixin, Trainer):
+    ...     def _count_items(self, batch): return batch["mask"].sum()
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class RAHFTrainerMixin:
+    """Mix into a ``Trainer`` subclass (before ``Trainer``); call ``_setup_mixin()`` after ``Trainer.__init__``."""
+
+    def _setup_mixin(self) -> None:
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
+                                                                   "eval": defaultdict(list)}
+        # Tells the Trainer that compute_loss normalises by num_items_in_batch when it gets one (see module doc).
+        self.model_accepts_loss_kwargs = True
+
+    def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The number of loss items in one micro-batch."""
+        raise NotImplementedError
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples:
+            return None
+        count = sum(self._count_items(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def _items_divisor(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
+        """What this process divides its loss sum by: the global count over the processes that DDP averages."""
+        if num_items_in_batch is None:
+            return None
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            return num_items_in_batch / self.accelerator.num_processes
+        return num_items_in_batch
+
+    def _record(self, model: torch.nn.Module, **values: torch.Tensor) -> None:
+        """Keep detached scalars; they are averaged and synced once, in ``log``."""
+        metrics = self._metrics["train" if model.training else "eval"]
+        for name, value in values.items():
+            metrics[name].append(value.detach())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        names = [name for name, values in self._metrics[mode].items() if values]
+        if names:
+            means = torch.stack([torch.stack(self._metrics[mode][n]).float().mean() for n in names]).tolist()
+            logs.update({f"{prefix}{name}": value for name, value in zip(names, means)})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
