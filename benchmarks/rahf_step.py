@@ -4,6 +4,8 @@ Same model, batch, lengths and LoRA config, measured side by side in one run (st
 
 * ``rahf``: ``RAHFTrainer.training_step`` (base + p+ + p- targets under no_grad, LoRA forward/backward, all
   stopping after the top target layer) + optimizer step;
+* ``rahf_precomputed``: the same with the difference vectors precomputed once (``precompute_targets``), so a step
+  is the base forward plus the LoRA forward/backward (the issue's orientation numbers assume this shape);
 * ``dpo``: TRL ``DPOTrainer.training_step`` with ``peft_config`` (policy on chosen+rejected with backward, the
   reference = adapter disabled) + optimizer step (``--backend trl``), or the same computation written in plain
   torch + peft (``--backend plain``, for machines without TRL; its log-probs use full logits instead of TRL's
@@ -21,6 +23,7 @@ GPU: python benchmarks/rahf_step.py --model llama7b-random --device cuda --dtype
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,8 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build_model, parse_dtype, time_interleaved  # noqa: E402
+from common import build_model, parse_dtype, time_interleaved, write_json  # noqa: E402
 
+METHODS = ("dpo", "rahf", "rahf_precomputed")
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -72,8 +76,12 @@ def _common_args(device: str, dtype: torch.dtype, batch: int, out: str) -> dict:
                 bf16=dtype == torch.bfloat16, gradient_checkpointing=False, save_strategy="no", learning_rate=1e-4)
 
 
-def rahf_step(model, tokenizer, rows, args, device, dtype, work):
-    """A callable running one RAHF optimizer step (the library's own training_step)."""
+def rahf_step(model, tokenizer, rows, args, device, dtype, work, precomputed: bool = False):
+    """A callable running one RAHF optimizer step (the library's own training_step).
+
+    ``precomputed``: the difference vectors are computed once (``precompute_targets``) and read from disk, so a
+    step is the base forward (adapter disabled, no grad) plus the LoRA forward/backward only.
+    """
     from peft import LoraConfig, get_peft_model
 
     from hf_repalign.rahf import RAHFConfig, RAHFTrainer
@@ -90,6 +98,12 @@ def rahf_step(model, tokenizer, rows, args, device, dtype, work):
                         lora_target_modules=LORA["target_modules"], max_response_tokens=args.response_len,
                         max_prompt_length=10**6)
     trainer = RAHFTrainer(model, config, train_dataset=data, processing_class=tokenizer, instructed=str(adapter))
+    if precomputed:
+        targets = trainer.precompute_targets(Path(work) / "targets")
+        model = trainer.model.unload()  # drop both adapters: a plain base model again
+        del trainer
+        config = dataclasses.replace(config, precomputed_targets=str(targets))
+        trainer = RAHFTrainer(model, config, train_dataset=data, processing_class=tokenizer)
     return _stepper(trainer, trainer.data_collator(data[: args.batch]))
 
 
@@ -158,8 +172,8 @@ def build(method, args, model_name, work):
     model = build_model(model_name, args.device, dtype).train()
     tokenizer = _tokenizer(model_name)
     rows = _rows(tokenizer, model.config.vocab_size, max(args.batch, 2), args.prompt_len, args.response_len)
-    if method == "rahf":
-        return rahf_step(model, tokenizer, rows, args, args.device, dtype, work)
+    if method.startswith("rahf"):
+        return rahf_step(model, tokenizer, rows, args, args.device, dtype, work, method == "rahf_precomputed")
     builder = dpo_step_trl if args.backend == "trl" else dpo_step_plain
     return builder(model, tokenizer, rows, args, args.device, dtype, work)
 
@@ -204,7 +218,7 @@ def main(argv=None):
     for model_name in args.model:
         with tempfile.TemporaryDirectory() as work:
             runs, peaks = {}, {}
-            for method in ("dpo", "rahf"):
+            for method in METHODS:
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -228,20 +242,23 @@ def main(argv=None):
                 if args.device == "cpu" else None
             row = {"model": model_name, "device": args.device, "dtype": args.dtype, "backend": args.backend,
                    "batch": args.batch, "prompt_tokens": args.prompt_len, "response_tokens": args.response_len,
-                   "dpo_step_s": times["dpo"], "rahf_step_s": times["rahf"], "time_ratio": times["rahf"] / times["dpo"],
-                   "dpo_peak_mib": peaks["dpo"], "rahf_peak_mib": peaks["rahf"],
-                   "memory_ratio": peaks["rahf"] / peaks["dpo"] if peaks["dpo"] else float("nan")}
-            if cpu is not None:  # CPU seconds of this process: less sensitive to other jobs on the machine
-                row.update(dpo_step_cpu_s=cpu["dpo"], rahf_step_cpu_s=cpu["rahf"],
-                           cpu_time_ratio=cpu["rahf"] / cpu["dpo"])
+                   "dpo_step_s": times["dpo"], "dpo_peak_mib": peaks["dpo"]}
+            for method in METHODS[1:]:
+                row.update({f"{method}_step_s": times[method], f"{method}_time_ratio": times[method] / times["dpo"],
+                            f"{method}_peak_mib": peaks[method],
+                            f"{method}_memory_ratio": peaks[method] / peaks["dpo"] if peaks["dpo"] else float("nan")})
+                if cpu is not None:  # CPU seconds of this process: less sensitive to other jobs on the machine
+                    row.update({f"{method}_step_cpu_s": cpu[method],
+                                f"{method}_cpu_time_ratio": cpu[method] / cpu["dpo"]})
+                if args.device.startswith("cuda"):
+                    row[f"{method}_total_mib"] = peaks[f"{method}_total"]
             if args.device.startswith("cuda"):
-                row.update(dpo_total_mib=peaks["dpo_total"], rahf_total_mib=peaks["rahf_total"])
+                row["dpo_total_mib"] = peaks["dpo_total"]
             results.append(row)
             print(json.dumps(row), flush=True)
             del runs
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":
