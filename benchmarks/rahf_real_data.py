@@ -12,14 +12,20 @@ To fit the CPU budget, only pairs whose prompt and responses are short are used 
 ``--max_response_tokens``), and the step counts are small; the flags say how many.
 
     nice -n 10 .venv/bin/python benchmarks/rahf_real_data.py --out docs/img/rahf_real_data
+
+``--bf16`` trains with bfloat16 autocast (the Trainer's ``bf16=True``) and evaluates under the same autocast:
+about 3x faster on a CPU with AVX512-BF16, which buys a larger budget in the same hour.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +38,11 @@ from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import DualConfig, RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, train_dual
 from hf_repalign.rahf.instructions import instructed_template
 from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import save_figure, write_json  # noqa: E402
+
+AUTOCAST = contextlib.nullcontext  # set to bfloat16 autocast by --bf16
 
 def load_pairs(args, tokenizer):
     rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
@@ -69,7 +80,8 @@ def loglik(model, tokenizer, items, normalize, batch_size=8):
     for start in range(0, len(items), batch_size):
         encoded = [encode_pair(tokenizer, p, r, template) for p, r in items[start : start + batch_size]]
         batch = pad_with_response_labels(encoded, tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with AUTOCAST():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         out += response_logps(logits, batch["labels"], normalize).tolist()
     return out
 
@@ -98,18 +110,19 @@ def evaluate(name, model, tokenizer, held, questions, work):
     start = time.time()
     result = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
               "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions), "seconds": time.time() - start}
-    (work / f"result_{name}.json").write_text(json.dumps(result) + "\n")
+    write_json(work / f"result_{name}.json", result)
     print(f"[{name}] {result}", flush=True)
 
 
 def save_curve(work, name, log_history, seconds):
     curve = {"loss": [e["loss"] for e in log_history if "loss" in e], "seconds": seconds}
-    (work / f"curve_{name}.json").write_text(json.dumps(curve) + "\n")
+    write_json(work / f"curve_{name}.json", curve)
 
 
 def common(args, out, **kw):
     return dict(output_dir=str(out), per_device_train_batch_size=args.batch_size, report_to="none", use_cpu=True,
-                save_strategy="no", logging_steps=1, seed=args.seed, lr_scheduler_type="constant", **kw)
+                save_strategy="no", logging_steps=1, seed=args.seed, lr_scheduler_type="constant", bf16=args.bf16,
+                **kw)
 
 
 def main():
@@ -129,8 +142,16 @@ def main():
     parser.add_argument("--max_prompt_tokens", type=int, default=128)
     parser.add_argument("--max_response_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training and evaluation")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bf16:
+        global AUTOCAST
+        AUTOCAST = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +169,7 @@ def main():
     if "scit" in args.stages:
         start = time.time()
         scit = SCITTrainer(fresh(), SCITConfig(**common(args, work / "scit", max_steps=args.step1_steps,
-                                                        learning_rate=2e-4)),
+                                                        learning_rate=args.lr)),
                            train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**lora))
         scit.train()
         scit.model.save_pretrained(str(work / "scit_adapter"))
@@ -156,7 +177,7 @@ def main():
     if "dual" in args.stages:
         start = time.time()
         folders = train_dual(fresh(), tokenizer, train, DualConfig(**common(
-            args, work / "dual", max_steps=args.step1_steps, learning_rate=2e-4), max_length=None,
+            args, work / "dual", max_steps=args.step1_steps, learning_rate=args.lr), max_length=None,
             gradient_checkpointing=False), peft_config=LoraConfig(**lora))
         for side in ("good", "bad"):
             state = json.loads((folders[side] / "trainer_state.json").read_text())
@@ -168,7 +189,7 @@ def main():
                                                                           str(work / "dual" / "bad"))
         start = time.time()
         trainer = RAHFTrainer(fresh(), RAHFConfig(**common(
-            args, work / f"rahf_{method}", max_steps=args.rahf_steps, learning_rate=2e-4), method=method,
+            args, work / f"rahf_{method}", max_steps=args.rahf_steps, learning_rate=args.lr), method=method,
             alpha=args.alpha, dataset_name="Anthropic HH-RLHF helpful-base (80% split)"),
             train_dataset=train, processing_class=tokenizer, instructed=instructed)
         trainer.train()
@@ -182,7 +203,7 @@ def main():
         curves = {n: json.loads((work / f"curve_{n}.json").read_text()) for n in order
                   if (work / f"curve_{n}.json").is_file()}
         summary = {"args": vars(args), "rows": rows, "results": results, "curves": curves}
-        out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(out.with_suffix(".json"), summary)
         plot({n: c["loss"] for n, c in curves.items()}, out.with_suffix(".png"))
         print(json.dumps(results, indent=1))
 
@@ -201,7 +222,7 @@ def plot(curves, path):
     axes[0].set_ylabel("training loss")
     fig.suptitle("RAHF on HH-RLHF helpful-base, SmolLM2-135M-Instruct (CPU)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
