@@ -70,6 +70,17 @@ def test_margin_raw_matches_naive_per_pair_forward(model, tokenizer, pooling, la
     assert len(set(round(x, 6) for x in expected)) > 1  # the check is not vacuous
 
 
+def test_right_padding_gives_the_same_margins(llama, tokenizer, vector, monkeypatch):
+    rows = pairs(7)
+    left = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
+    expected = [out["margin_raw"] for out in left(rows, batch_size=3)]
+    monkeypatch.setattr(tokenizer, "padding_side", "right")
+    right = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
+    assert [out["margin_raw"] for out in right(rows, batch_size=3)] == pytest.approx(expected, abs=1e-5)
+    assert right.annotate(rows, num_bins=None, batch_size=4, progress=False)["margin_raw"] == pytest.approx(
+        expected, abs=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_direction_is_normalised_naive_mean_difference(llama, tokenizer, pooling):
     vec = MarginVector.fit(llama, tokenizer, PROMPTS, GOOD, BAD, layer=3, pooling=pooling, batch_size=2)

@@ -1,7 +1,8 @@
 """Batched embeddings of (prompt, response) pairs, shared by vector fitting and the margin pipeline.
 
-A preference triplet becomes two token sequences, ``prompt + chosen`` and ``prompt + rejected``, each with a mask
-of its response tokens. Batches stack both sides into one forward that stops at the requested hidden layer.
+A preference triplet becomes two token sequences, ``prompt + chosen`` and ``prompt + rejected``, stored compactly
+(int32 ids plus lengths; ``annotate`` encodes a whole shard up front so bad rows fail before any forward). Batches
+build the attention and response masks, and stack both sides into one forward that stops at the requested layer.
 
 Example:
     >>> from hf_repalign.legend.embedding import encode_triplet, pair_embeddings
@@ -60,9 +61,11 @@ def encode_triplet(
     truncation: str = "error",
     row: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Token tensors of both sides of a triplet, shaped ``(1, T)``, and how many sides were truncated.
+    """Token tensors of both sides of a triplet and how many sides were truncated.
 
-    Keys: ``{side}_input_ids``, ``{side}_attention_mask``, ``{side}_response_mask`` for side in chosen/rejected.
+    Keys, for side in chosen/rejected: ``{side}_input_ids`` (``(1, T)`` int32), ``{side}_length`` and
+    ``{side}_prompt_length`` (``(1,)``). Masks are built per batch from the lengths, so a whole encoded dataset
+    costs 4 bytes a token.
     """
     item: dict[str, torch.Tensor] = {}
     truncated = 0
@@ -71,10 +74,9 @@ def encode_triplet(
         where = f"row {row}, field `{side}`" if row is not None else f"field `{side}`"
         ids, n_prompt, cut = _fit_length(prompt_ids + response_ids, len(prompt_ids), max_length, truncation, where)
         truncated += int(cut)
-        response = [0] * n_prompt + [1] * (len(ids) - n_prompt)
-        item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.long)
-        item[f"{side}_attention_mask"] = torch.ones(1, len(ids), dtype=torch.long)
-        item[f"{side}_response_mask"] = torch.tensor([response], dtype=torch.long)
+        item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.int32)
+        item[f"{side}_length"] = torch.tensor([len(ids)])
+        item[f"{side}_prompt_length"] = torch.tensor([n_prompt])
     return item, truncated
 
 
@@ -82,12 +84,25 @@ def item_length(item: dict[str, torch.Tensor]) -> int:
     return max(item[f"{side}_input_ids"].shape[1] for side in SIDES)
 
 
-def _pad_to(tensor: torch.Tensor, length: int, value: int, side: str) -> torch.Tensor:
-    extra = length - tensor.shape[1]
-    if extra == 0:
-        return tensor
-    pad = tensor.new_full((tensor.shape[0], extra), value)
-    return torch.cat([pad, tensor] if side == "left" else [tensor, pad], dim=1)
+def _padded_side(batch: dict[str, torch.Tensor], side: str, width: int, padding_side: str):
+    """``(input_ids, attention_mask, response_mask)`` of one side, ``(B, width)``, padded on ``padding_side``.
+
+    ``{side}_input_ids`` may already be padded (by the pipeline's collator, on the same side) to any width up to
+    ``width``; the real tokens are located from ``{side}_length``.
+    """
+    ids = batch[f"{side}_input_ids"]
+    lengths = batch[f"{side}_length"].reshape(-1, 1).to(ids.device)
+    prompt = batch[f"{side}_prompt_length"].reshape(-1, 1).to(ids.device)
+    extra = width - ids.shape[1]
+    if extra:
+        pad = ids.new_zeros((ids.shape[0], extra))
+        ids = torch.cat([pad, ids] if padding_side == "left" else [ids, pad], dim=1)
+    positions = torch.arange(width, device=ids.device).unsqueeze(0)
+    start = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
+    offset = positions - start  # position within the sequence; < 0 or >= length is padding
+    attention = (offset >= 0) & (offset < lengths)
+    response = attention & (offset >= prompt)
+    return ids.long(), attention.long(), response.long()
 
 
 def pair_embeddings(
@@ -103,18 +118,16 @@ def pair_embeddings(
     (``pooling="last"``) or averaged over the response tokens (``"mean"``).
     """
     check_pooling(pooling)
-    length = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
-
-    def stacked(key: str) -> torch.Tensor:
-        return torch.cat([_pad_to(batch[f"{side}_{key}"], length, 0, padding_side) for side in SIDES])
-
-    input_ids, attention_mask = stacked("input_ids"), stacked("attention_mask")
+    width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
+    input_ids, attention_mask, response_mask = (
+        torch.cat(parts) for parts in zip(*(_padded_side(batch, side, width, padding_side) for side in SIDES))
+    )
     index = resolve_layers(model, layer)[0]
     hidden = hidden_states_at(model, input_ids, attention_mask, layers=[index])[index]
     if pooling == "last":
         pooled = pool_last(hidden, attention_mask)
     else:
-        pooled = pool_mean(hidden, stacked("response_mask") * attention_mask)
+        pooled = pool_mean(hidden, response_mask)
     chosen, rejected = pooled.float().chunk(2)
     return chosen, rejected
 
