@@ -4,8 +4,9 @@
 2. Annotate HH-RLHF harmless-base test (and helpful-base as a contrast) and report the share of pairs with
    margin_raw > 0 (the direction agrees with the human label), a histogram and wall times.
 
-Rows whose chosen or rejected response is empty cannot be embedded; they are dropped here explicitly and counted
-(``usable_rows``), then the first ``--rows`` usable rows are annotated.
+Rows whose chosen or rejected response is empty cannot be embedded; they are dropped explicitly
+(``drop_invalid=True``) and listed in the summary. A split whose output and summary exist is reused, so an
+interrupted run continues where it stopped (unfinished splits resume from their checkpoints).
 
     .venv/bin/python benchmarks/legend_real_data.py --dtype bfloat16
 
@@ -30,7 +31,7 @@ from common import parse_dtype, save_figure, write_json  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
 from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir  # noqa: E402
-from hf_repalign.legend import MarginVector, usable_rows  # noqa: E402
+from hf_repalign.legend import MarginVector  # noqa: E402
 from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
 
 
@@ -66,30 +67,35 @@ def main() -> None:
                                   generation_batch_size=len(goals), batch_size=args.batch_size, progress=True)
         summary["fit_seconds"] = round(time.perf_counter() - start, 1)
         vec.save_pretrained(args.out / "vector")
-    print(f"fitted {vec} in {summary['fit_seconds']} s")
+    print(f"vector {vec}; fit seconds: {summary['fit_seconds']}")
 
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu",
                     batch_size=args.batch_size)
     margins = {}
     for split, limit in (("harmless-base", args.rows), ("helpful-base", args.helpful_rows)):
-        rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz"))
-        print(f"{split}: dropping {len(errors)} unusable rows: {errors}")
-        rows, skipped = rows[:limit], len(errors)
+        output, split_summary = args.out / f"{split}.jsonl", args.out / f"{split}.summary.json"
+        if output.is_file() and split_summary.is_file():  # finished by an earlier run of this command
+            margins[split] = torch.tensor([row["margin_raw"] for row in read_jsonl(output)])
+            summary[split] = json.loads(split_summary.read_text())
+            print(split, "reused", summary[split], flush=True)
+            continue
+        rows = read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz")[:limit]
         parts = args.out / f".{split}.jsonl.parts"
         resumed = len(list(parts.glob("chunk-*.json"))) * 512 if parts.is_dir() else 0
         start = time.perf_counter()
-        annotated = pipe.annotate(rows, num_bins=10, output=args.out / f"{split}.jsonl", max_length=args.max_length,
-                                  truncation="left", resume=True)
+        annotated = pipe.annotate(rows, num_bins=10, output=output, max_length=args.max_length, truncation="left",
+                                  resume=True, drop_invalid=True)
         seconds = time.perf_counter() - start
         raw = torch.tensor(list(annotated["margin_raw"]))
         margins[split] = raw
         summary[split] = {
-            "pairs": len(rows), "unusable_rows_in_split": skipped, "rows_resumed_from_checkpoints": resumed,
+            "pairs": len(raw), "dropped_rows": pipe.last_dropped_rows, "rows_resumed_from_checkpoints": resumed,
             "prompt_truncated_rows": len(pipe.last_truncated_rows),
             "share_margin_raw_positive": round(float((raw > 0).float().mean()), 4),
             "mean_margin_raw": round(float(raw.mean()), 4), "seconds": round(seconds, 1),
-            "pairs_per_second": round((len(rows) - resumed) / seconds, 3),
+            "pairs_per_second": round((len(raw) - resumed) / seconds, 3),
         }
+        write_json(split_summary, summary[split])
         print(split, summary[split], flush=True)
 
     import matplotlib
