@@ -413,3 +413,19 @@ def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch):
     chunk.unlink()
     out = pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, resume=True, progress=False)
     assert len(out) == 4 and output.is_file()
+
+
+def _template_a(prompt, response):
+    return f"Q: {prompt}\nA: {response}"
+
+
+def _template_b(prompt, response):
+    return f"Question: {prompt}\nAnswer: {response}"
+
+
+def test_resume_matches_a_callable_template_by_name_and_source(tmp_path):
+    from hf_repalign.legend.annotate import _stable_repr
+
+    assert _stable_repr(_template_a) == _stable_repr(_template_a)  # no object address inside
+    assert "0x" not in _stable_repr(_template_a) and _stable_repr(_template_a) != _stable_repr(_template_b)
+    assert _stable_repr("{prompt}{response}") == repr("{prompt}{response}")

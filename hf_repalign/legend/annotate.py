@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -182,7 +183,20 @@ def _run_fingerprint(dataset: Dataset, vector: MarginVector, model_name: str, se
     for row in dataset.select_columns(fields):
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     return {"rows": len(dataset), "data_sha256": digest.hexdigest(), "vector": vector.fingerprint(),
-            "model": model_name, **{k: repr(v) for k, v in settings.items()}}
+            "model": model_name, **{k: _stable_repr(v) for k, v in settings.items()}}
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr``, except that a callable (a template) is named by its qualified name and source, not its address,
+    so a rerun in a new process matches its own checkpoints."""
+    if not callable(value):
+        return repr(value)
+    name = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    try:
+        source = inspect.getsource(value)
+    except (OSError, TypeError):  # built in, or defined where the source is unavailable
+        source = ""
+    return f"<callable {name} {hashlib.sha256(source.encode()).hexdigest()[:12]}>"
 
 
 def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialState) -> None:
