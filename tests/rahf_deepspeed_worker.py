@@ -1,8 +1,9 @@
 """Run by tests/test_rahf_deepspeed.py under `torchrun --nproc_per_node 2` (CPU, gloo): RAHF with DeepSpeed ZeRO.
 
-Usage: rahf_deepspeed_worker.py ADAPTER OUT STAGE [STAGE ...] -> for each ZeRO stage, OUT/stage{s}/rank{r}.json
-(logged losses, ZeRO-3 partition counts), OUT/stage{s}/rank{r}.safetensors (the trained LoRA, gathered) and
-OUT/stage{s}/adapter (RAHFTrainer.save_pretrained), OUT/stage{s}/checkpoint-3 (the Trainer's checkpoint).
+Usage: rahf_deepspeed_worker.py ADAPTER MODEL OUT STAGE [STAGE ...]. ADAPTER is the SCIT adapter; MODEL a model
+folder that ZeRO-3 must refuse as a separate instructed model. For each ZeRO stage it writes OUT/stage{s}/:
+rank{r}.json (logged losses, partition counts, the refusal), rank{r}.safetensors (the trained LoRA, gathered),
+adapter/ (RAHFTrainer.save_pretrained) and checkpoint-3/ (the Trainer's checkpoint).
 """
 
 import json
@@ -19,7 +20,10 @@ import torch  # noqa: E402
 from accelerate.state import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from rahf_ddp_worker import run  # noqa: E402
+from rahf_ddp_worker import ROWS, run  # noqa: E402
+
+from hf_repalign.rahf.trainer import RAHFConfig, RAHFTrainer  # noqa: E402
+from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 _prepare_backend = PartialState._prepare_backend
 
@@ -39,7 +43,7 @@ def zero_config(stage: int) -> dict:
             "gradient_clipping": "auto", "zero_optimization": zero, "zero_allow_untested_optimizer": True}
 
 
-def train(adapter: str, out: str, stage: int) -> None:
+def train(adapter: str, model_folder: str, out: str, stage: int) -> None:
     trainer = run(adapter, out, per_device=1, deepspeed=zero_config(stage), use_cpu=False, save_strategy="steps",
                   save_steps=3)  # checkpoint-3 as well
     assert trainer.is_deepspeed_enabled and trainer.args.world_size == 2, trainer.args.world_size
@@ -56,16 +60,26 @@ def train(adapter: str, out: str, stage: int) -> None:
     trainer.save_pretrained(os.path.join(out, "adapter"))  # every process: ZeRO-3 gathers the adapter
     rank = trainer.args.process_index
     save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
+    report = {"refused": None}
+    if stage == 3:  # a separate instructed model loaded under ZeRO-3 is partitioned without gather hooks
+        tokenizer = tiny_tokenizer()
+        try:
+            args = RAHFConfig(output_dir=out, deepspeed=zero_config(3), use_cpu=False, report_to="none",
+                              target_layers=[1, 3])
+            RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,
+                        processing_class=tokenizer, instructed=model_folder)
+        except ValueError as err:
+            report["refused"] = str(err)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
-        json.dump({"loss": losses, "partitioned": partitioned, "gathered": gathered, "params": len(everything)},
-                  handle)
+        json.dump({**report, "loss": losses, "partitioned": partitioned, "gathered": gathered,
+                   "params": len(everything)}, handle)
 
 
 if __name__ == "__main__":
     PartialState._prepare_backend = _cpu_backend
     # An inference-only all-reduce kernel: skip its C++ build (minutes on 2 cores, needs a compiler).
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    adapter, out, stages = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]]
+    adapter, model_folder, out, stages = sys.argv[1], sys.argv[2], sys.argv[3], [int(s) for s in sys.argv[4:]]
     for stage in stages:
-        train(adapter, os.path.join(out, f"stage{stage}"), stage)
+        train(adapter, model_folder, os.path.join(out, f"stage{stage}"), stage)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_repalign.testing import tiny_model
+
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (optional: pip install 'hf_repalign[deepspeed]')")
 
 HERE = Path(__file__).parent
@@ -22,15 +24,17 @@ HERE = Path(__file__).parent
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_zero2_and_zero3_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter):
+def test_zero2_and_zero3_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter, tokenizer):
     torchrun, adapter = launcher("torchrun"), scit_adapter
+    model_folder = tmp_path / "instructed_model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(model_folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": str(HERE.parent)}
     with socket.socket() as probe:  # a free port: DeepSpeed reads MASTER_PORT itself, so 0 does not work
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     command = [torchrun, "--nproc_per_node", "2", "--master_port", port, str(HERE / "rahf_deepspeed_worker.py"),
-               str(adapter), str(tmp_path / "ds"), "2", "3"]
+               str(adapter), str(model_folder), str(tmp_path / "ds"), "2", "3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -59,3 +63,4 @@ def test_zero2_and_zero3_two_cpu_processes_match_single_process(tmp_path, launch
         if stage == 3:
             assert reports[0]["partitioned"] == reports[0]["params"]  # nothing was kept whole
             assert reports[0]["gathered"] == 0  # the early exits left no parameter gathered
+            assert "only as PEFT adapters" in reports[0]["refused"]  # not a crash on partitioned weights

@@ -286,6 +286,12 @@ class RAHFTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         model.forward = types.MethodType(_hidden_forward, model)
+        separate = [s.model for s in (self.positive, self.negative) if s is not None and s.model is not None]
+        if any(hasattr(p, "ds_id") for m in separate for p in m.parameters()):
+            # from_pretrained under ZeRO-3 partitions them, but only the trained model gets DeepSpeed's gather hooks.
+            raise ValueError("DeepSpeed ZeRO-3 supports the instructed model(s) only as PEFT adapters (adapter "
+                             "folders or adapter names of the model) or through args.precomputed_targets; a "
+                             "separate instructed model cannot run with partitioned weights.")
         for source in (self.positive, self.negative):
             if source is not None and source.model is not None:
                 source.model.to(self.args.device).eval().requires_grad_(False)
