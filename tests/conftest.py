@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,3 +57,26 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def launcher():
+    """``launcher("torchrun")``: the path of a launcher script next to this Python, or skip the test."""
+
+    def find(name: str) -> str:
+        path = shutil.which(name, path=str(Path(sys.executable).parent))
+        if path is None:
+            pytest.skip(f"the {name} launcher is not installed next to this Python")
+        return path
+
+    return find
+
+
+@pytest.fixture
+def scit_adapter(tmp_path, tokenizer) -> str:
+    """A non-zero LoRA on the tiny Llama, saved to a folder: the instructed (SCIT) model of multi-process tests."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), config).save_pretrained(str(tmp_path / "scit"))
+    return str(tmp_path / "scit")

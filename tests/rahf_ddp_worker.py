@@ -17,13 +17,15 @@ ROWS = [{"prompt": f"Question number {i}?", "chosen": "Yes" + "!" * (3 * i), "re
         for i in range(8)]
 
 
-def run(adapter: str, out: str, per_device: int) -> RAHFTrainer:
+def run(adapter: str, out: str, per_device: int, **overrides) -> RAHFTrainer:
+    """Three RAHF steps on the tiny Llama; ``overrides`` replace RAHFConfig fields (e.g. ``deepspeed=...``)."""
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
-    args = RAHFConfig(output_dir=out, per_device_train_batch_size=per_device, max_steps=3, learning_rate=1e-2,
-                      report_to="none", use_cpu=True, save_strategy="no", seed=0, target_layers=[1, 3],
-                      preferred_instruction="Be kind.", dispreferred_instruction="Be rude and wrong always.",
-                      lora_dropout=0.0, logging_steps=1, max_response_tokens=8, dataloader_drop_last=True)
+    config = dict(output_dir=out, per_device_train_batch_size=per_device, max_steps=3, learning_rate=1e-2,
+                  report_to="none", use_cpu=True, save_strategy="no", seed=0, target_layers=[1, 3],
+                  preferred_instruction="Be kind.", dispreferred_instruction="Be rude and wrong always.",
+                  lora_dropout=0.0, logging_steps=1, max_response_tokens=8, dataloader_drop_last=True)
+    args = RAHFConfig(**{**config, **overrides})
     trainer = RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,
                           processing_class=tokenizer, instructed=adapter)
     trainer.train()

@@ -1,31 +1,21 @@
 """RAHF under DDP: 2 CPU processes (gloo) via `accelerate launch`; the ranks stay in sync and match one process."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-
-from hf_repalign.testing import tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ddp_two_cpu_processes_match_single_process(tmp_path):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if accelerate is None:
-        pytest.skip("the accelerate launcher is not installed next to this Python")
-    tokenizer = tiny_tokenizer()
-    adapter = tmp_path / "scit"
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), config).save_pretrained(str(adapter))
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter):
+    accelerate, adapter = launcher("accelerate"), scit_adapter
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "rahf_ddp_worker.py"),

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -288,6 +289,12 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
                          processing_class=tokenizer, **kwargs)
         self._setup_mixin()
         model.forward = types.MethodType(_hidden_forward, model)
+        separate = [s.model for s in (self.positive, self.negative) if s is not None and s.model is not None]
+        if any(hasattr(p, "ds_id") for m in separate for p in m.parameters()):
+            # from_pretrained under ZeRO-3 partitions them, but only the trained model gets DeepSpeed's gather hooks.
+            raise ValueError("DeepSpeed ZeRO-3 supports the instructed model(s) only as PEFT adapters (adapter "
+                             "folders or adapter names of the model) or through args.precomputed_targets; a "
+                             "separate instructed model cannot run with partitioned weights.")
         for source in (self.positive, self.negative):
             if source is not None and source.model is not None:
                 source.model.to(self.args.device).eval().requires_grad_(False)
@@ -393,9 +400,12 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
     # ---- saving: a standard PEFT adapter (only the trained one) plus our model card ----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
+        # The Trainer's state_dict is ignored: the adapter is gathered from the model itself (ZeRO-3 included).
+        with self._gathered_adapter():
+            if self.args.should_save:
+                self._write(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _write(self, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
         peft_model = self.accelerator.unwrap_model(self.model)
         peft_model.save_pretrained(output_dir, selected_adapters=[ADAPTER])
@@ -404,13 +414,26 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         atomic_write_text(Path(output_dir) / "README.md", self.model_card())
 
+    def _gathered_adapter(self) -> contextlib.AbstractContextManager:
+        """Under DeepSpeed ZeRO-3 the adapter's full weights (a collective: every process must enter it)."""
+        if not self.is_deepspeed_enabled:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        peft_model = self.accelerator.unwrap_model(self.model)
+        adapter = [p for name, p in peft_model.named_parameters() if f".{ADAPTER}." in name]
+        return deepspeed.zero.GatheredParameters(adapter)  # a no-op for parameters ZeRO does not partition
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the adapter, tokenizer and model card to ``save_directory`` atomically (main process only)."""
+        """Write the adapter, tokenizer and model card to ``save_directory`` atomically (main process only).
+
+        Call it on every process: under DeepSpeed ZeRO-3 the adapter is gathered from all of them first.
+        """
         target = Path(save_directory)
-        if not self.args.should_save:
-            return target
-        with atomic_folder(target) as tmp:
-            self._save(str(tmp))
+        with self._gathered_adapter():
+            if self.args.should_save:
+                with atomic_folder(target) as tmp:
+                    self._write(str(tmp))
         return target
 
     def create_model_card(self, *args, **kwargs) -> None:
