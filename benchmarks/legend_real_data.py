@@ -110,7 +110,8 @@ def main() -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("margin_raw = (emb(chosen) - emb(rejected)) . direction")
     ax.set_ylabel("pairs")
-    ax.set_title(f"LEGEND margins, SmolLM2-135M-Instruct ({args.dtype}), vector from {args.goals} AdvBench goals")
+    ax.set_title(f"LEGEND margins, SmolLM2-135M-Instruct ({args.dtype})\nvector from {args.goals} AdvBench goals, "
+                 "last token, final layer", fontsize=10)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, args.plot)
