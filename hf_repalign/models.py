@@ -106,6 +106,8 @@ def load_model_and_tokenizer(
 
     The tokenizer pads on the left (decoder-only batching) and gets a pad token if it has none.
     """
+    if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"`dtype` must be a torch dtype name such as 'float32' or 'bfloat16', or 'auto'; got {dtype!r}.")
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
     if tokenizer.pad_token is None:

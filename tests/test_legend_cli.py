@@ -60,6 +60,14 @@ def test_fit_vector_then_annotate(run_cli, model_dir, tmp_path):
                     "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"]) == 0
     assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [0, 1, 3, 4, 5]
 
+    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--drop_invalid",
+                    "--vector", str(tmp_path / "vec"), "--output", str(output), "--dtype", "bfloat16"]) == 0
+    bf16 = [json.loads(line)["margin_raw"] for line in output.read_text().splitlines()]
+    assert len(bf16) == 5 and bf16 != pytest.approx([written[i]["margin_raw"] for i in (0, 1, 3, 4, 5)], abs=1e-6)
+    with pytest.raises(ValueError, match="`dtype` must be a torch dtype name"):
+        run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
+                 "--vector", str(tmp_path / "vec"), "--output", str(output), "--dtype", "bf16"])
+
 
 def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
     bad = tmp_path / "goals.csv"

@@ -390,19 +390,23 @@ def annotate(
     num_bins: int | None = 10,
     batch_size: int = 8,
     device: str | int | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
     **kwargs,
 ) -> Dataset:
     """One-call annotation: builds the ``legend-margin`` pipeline and runs :meth:`LegendMarginPipeline.annotate`.
 
-    ``model`` is a loaded model (give ``tokenizer`` too), a path / Hub id, or ``None`` for the embedded model.
-    Under ``accelerate launch`` each process runs on its own device.
+    ``model`` is a loaded model (give ``tokenizer`` too), a path / Hub id, or ``None`` for the embedded model;
+    ``dtype`` applies when it is loaded here (e.g. ``"bfloat16"``). Under ``accelerate launch`` each process runs
+    on its own device.
     """
     from transformers import pipeline
 
     from ..models import load_model_and_tokenizer
 
     if model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_model_and_tokenizer(model)
+        model, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+    elif dtype is not None:
+        raise ValueError("`dtype` applies only to a model loaded by annotate(); convert a loaded model yourself.")
     elif tokenizer is None:
         raise ValueError("`tokenizer` is required when `model` is a loaded model.")
     state = distributed_state()

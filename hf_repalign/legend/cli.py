@@ -28,6 +28,9 @@ class FitVectorArguments:
     prompts: str = field(metadata={"help": "File of harmful prompts: .csv (column --prompt_column), .txt, .jsonl."})
     output: str = field(metadata={"help": "Folder to save the vector to (safetensors + config.json + card)."})
     model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Model dtype: float32, bfloat16 (fast on CPUs with AVX512-BF16), float16."}
+    )
     prompt_column: str = field(default="goal", metadata={"help": "Prompt column in .csv / .jsonl files."})
     harmful_column: str | None = field(
         default=None, metadata={"help": "Take harmful responses from this column instead of generating them."}
@@ -52,6 +55,9 @@ class AnnotateArguments:
     vector: str = field(metadata={"help": "Margin vector folder or Hub repo id (from fit-vector)."})
     output: str = field(metadata={"help": "Output file: .jsonl, .json or .parquet (written atomically)."})
     model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Model dtype: float32, bfloat16 (fast on CPUs with AVX512-BF16), float16."}
+    )
     num_bins: int | None = field(default=10, metadata={"help": "Equal-frequency bins; 0 keeps raw margins."})
     batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence; default: model context."})
@@ -95,7 +101,7 @@ def run_fit_vector(args: FitVectorArguments) -> int:
     from .vector import MarginVector
 
     prompts, harmful = read_prompts(args.prompts, args.prompt_column, args.num_prompts, args.harmful_column)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     vec = MarginVector.induce(
         model, tokenizer, prompts, refusal=args.refusal, harmful_responses=harmful,
         max_new_tokens=args.max_new_tokens, layer=args.layer, pooling=args.pooling, template=args.template,
@@ -114,7 +120,8 @@ def run_annotate(args: AnnotateArguments) -> int:
 
     vec = MarginVector.from_pretrained(args.vector)
     dataset = annotate(
-        args.dataset, vec, model=args.model, num_bins=args.num_bins or None, batch_size=args.batch_size,
+        args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
+        batch_size=args.batch_size,
         output=args.output, resume=args.resume, checkpoint_every=args.checkpoint_every,
         max_length=args.max_length, truncation=args.truncation, drop_invalid=args.drop_invalid,
     )
