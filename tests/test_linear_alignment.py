@@ -341,3 +341,22 @@ def test_cli_generate_prints_three_answers_side_by_side(llama, tokenizer, tmp_pa
     header = next(line for line in out.splitlines() if line.startswith("plain"))
     assert "principle prompt" in header and "linear alignment (alpha=2)" in header
     assert "Q: How are you?" in out
+
+
+def test_cli_generate_loads_the_requested_dtype(llama, tokenizer, tmp_path, monkeypatch):
+    from hf_repalign import cli
+    from hf_repalign.linear_alignment import cli as la_cli
+
+    llama.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    seen = []
+    real = la_cli.load_model_and_tokenizer
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        seen.append(model.dtype)
+        return model, tok
+
+    monkeypatch.setattr(la_cli, "load_model_and_tokenizer", spy)
+    assert cli.main(["generate", "Hi", "--model", str(tmp_path), "--max_new_tokens", "2", "--dtype", "bfloat16"]) == 0
+    assert seen == [torch.bfloat16]

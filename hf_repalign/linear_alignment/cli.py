@@ -24,6 +24,7 @@ class GenerateArguments:
     principle: str = field(default=HARMLESS_PRINCIPLE, metadata={"help": "Principle, added as a system message."})
     alpha: float = field(default=1.0, metadata={"help": "Step along (principle - plain) logits; 0 = prompting."})
     model: str | None = field(default=None, metadata={"help": "Local path or Hub id; default: embedded SmolLM2."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype: float32 (default), bfloat16, float16."})
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens to generate per answer."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
@@ -60,7 +61,7 @@ def run(args: GenerateArguments) -> int:
     if not args.question:
         raise SystemExit("repalign generate: give at least one question.")
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     plain, principle = build_principle_inputs(tokenizer, args.question, args.principle)
     proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
                                     normalize=args.normalize, principle_top_p=args.principle_top_p)
