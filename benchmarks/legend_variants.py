@@ -51,7 +51,7 @@ def main() -> None:
                                pooling=pooling)
         pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu",
                         batch_size=8)
-        raw = pipe.annotate(rows, num_bins=None, max_length=512, truncation="left", drop_invalid=True,
+        raw = pipe.annotate(rows, num_bins=None, drop_invalid=True,
                             progress=False)["margin_raw"]
         share = sum(m > 0 for m in raw) / len(raw)
         print(f"layer {layer:>3} pooling {pooling:<4}: margin_raw > 0 in {share:.1%} of {len(raw)} {split} "
