@@ -319,8 +319,7 @@ def annotate_with(
     try:
         for c in todo:
             start, stop = chunks[c]
-            encoded[c] = [pipe.encode(row, start + i, **preprocess_params)
-                          for i, row in enumerate(dataset.select(range(start, stop)))]
+            encoded[c] = pipe.encode_rows(dataset.select(range(start, stop)), range(start, stop), **preprocess_params)
     except (PreferenceFormatError, ValueError) as err:
         error = err
     _sync_error(state, error)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pipelines.base import pad_collate_fn
 
-from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_responses
+from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_many
 from ..hidden import hidden_states_at, pool_last, pool_mean, resolve_layers
 
 POOLINGS = ("last", "mean")
@@ -67,17 +67,34 @@ def encode_triplet(
     ``{side}_prompt_length`` (``(1,)``). Masks are built per batch from the lengths, so a whole encoded dataset
     costs 4 bytes a token.
     """
-    item: dict[str, torch.Tensor] = {}
-    truncated = 0
-    prompt_ids, responses = encode_responses(tokenizer, triplet.prompt, [triplet.chosen, triplet.rejected], template)
-    for side, response_ids in zip(SIDES, responses):
-        where = f"row {row}, field `{side}`" if row is not None else f"field `{side}`"
-        ids, n_prompt, cut = _fit_length(prompt_ids + response_ids, len(prompt_ids), max_length, truncation, where)
-        truncated += int(cut)
-        item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.int32)
-        item[f"{side}_length"] = torch.tensor([len(ids)])
-        item[f"{side}_prompt_length"] = torch.tensor([n_prompt])
-    return item, truncated
+    return encode_triplets(tokenizer, [triplet], template, max_length, truncation, None if row is None else [row])[0]
+
+
+def encode_triplets(
+    tokenizer: Any,
+    triplets: Sequence[PreferenceTriplet],
+    template: Template = None,
+    max_length: int | None = None,
+    truncation: str = "error",
+    rows: Sequence[int] | None = None,
+) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """:func:`encode_triplet` over many triplets, tokenized in two batched calls; errors name ``rows[i]``."""
+    groups = [(t.prompt, (t.chosen, t.rejected)) for t in triplets]
+    encoded = []
+    for i, (prompt_ids, responses) in enumerate(encode_many(tokenizer, groups, template, rows)):
+        row = None if rows is None else rows[i]
+        item: dict[str, torch.Tensor] = {}
+        truncated = 0
+        for side, response_ids in zip(SIDES, responses):
+            where = f"row {row}, field `{side}`" if row is not None else f"field `{side}`"
+            ids, n_prompt, cut = _fit_length(prompt_ids + response_ids, len(prompt_ids), max_length, truncation,
+                                             where)
+            truncated += int(cut)
+            item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.int32)
+            item[f"{side}_length"] = torch.tensor([len(ids)])
+            item[f"{side}_prompt_length"] = torch.tensor([n_prompt])
+        encoded.append((item, truncated))
+    return encoded
 
 
 def item_length(item: dict[str, torch.Tensor]) -> int:

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from transformers import AutoModelForCausalLM, Pipeline
@@ -21,7 +21,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 from ..formats import PreferenceTriplet, to_triplet
-from .embedding import TRUNCATIONS, encode_triplet, pair_embeddings
+from .embedding import TRUNCATIONS, encode_triplets, pair_embeddings
 from .margin import margin_raw
 from .vector import MarginVector
 
@@ -98,15 +98,20 @@ class LegendMarginPipeline(Pipeline):
                       for i, ex in enumerate(inputs)]
         return super().__call__(inputs, **kwargs)
 
-    def encode(self, example: Mapping[str, Any] | PreferenceTriplet, row: int | None = None, margin_vector=None,
-               template=_UNSET, max_length=None, truncation="error"):
+    def encode(self, example: Mapping[str, Any] | PreferenceTriplet, row: int | None = None, **params):
         """``(model inputs, number of truncated sides)`` of one row; errors name ``row``."""
+        return self.encode_rows([example], None if row is None else [row], **params)[0]
+
+    def encode_rows(self, examples: Sequence[Mapping[str, Any] | PreferenceTriplet], rows: Sequence[int] | None = None,
+                    margin_vector=None, template=_UNSET, max_length=None, truncation="error"):
+        """:meth:`encode` over many rows with batched tokenization; errors name ``rows[i]``."""
         if margin_vector is None:
             raise ValueError("no `margin_vector`: pass one to pipeline(...) or to the call.")
-        triplet = example if isinstance(example, PreferenceTriplet) else to_triplet(example, row)
+        triplets = [ex if isinstance(ex, PreferenceTriplet) else to_triplet(ex, None if rows is None else rows[i])
+                    for i, ex in enumerate(examples)]
         template = margin_vector.template if template is _UNSET else template
         max_length = max_length or context_length(self.model)
-        return encode_triplet(self.tokenizer, triplet, template, max_length, truncation, row)
+        return encode_triplets(self.tokenizer, triplets, template, max_length, truncation, rows)
 
     def preprocess(self, inputs, **preprocess_params):
         row, example = (inputs.index, inputs.triplet) if isinstance(inputs, _Row) else (None, inputs)

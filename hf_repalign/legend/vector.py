@@ -30,7 +30,7 @@ from ..formats import Prompt, Template, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import load_folder, push_folder, render_card, save_folder
 from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
-from .embedding import check_pooling, encode_triplet, map_batches, pair_embeddings
+from .embedding import check_pooling, encode_triplets, map_batches, pair_embeddings
 from .margin import margin_direction
 
 logger = logging.get_logger(__name__)
@@ -108,11 +108,10 @@ class MarginVector:
             )
         check_pooling(pooling)
         resolve_layers(model, layer)
-        items = []
-        for i, (prompt, good, bad) in enumerate(zip(prompts, harmless_responses, harmful_responses)):
-            # Harmless plays "chosen" and harmful "rejected", so the checks name the row and side.
-            triplet = to_triplet({"prompt": prompt, "chosen": good, "rejected": bad}, i)
-            items.append(encode_triplet(tokenizer, triplet, template, row=i)[0])
+        # Harmless plays "chosen" and harmful "rejected", so the checks name the row and side.
+        triplets = [to_triplet({"prompt": prompt, "chosen": good, "rejected": bad}, i)
+                    for i, (prompt, good, bad) in enumerate(zip(prompts, harmless_responses, harmful_responses))]
+        items = [item for item, _ in encode_triplets(tokenizer, triplets, template, rows=range(len(triplets)))]
         side = tokenizer.padding_side
 
         def embed(batch):
