@@ -45,23 +45,26 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: str, with_cpu_time: bool = False):
     """Median seconds per run, the candidates interleaved so drift hits them all alike (one warm-up each).
 
-    ``clock=time.process_time`` counts this process's CPU seconds instead of wall time (steadier on a shared CPU).
+    ``with_cpu_time=True`` also returns the medians of this process's CPU seconds (``time.process_time``, steadier
+    on a shared CPU), measured on the same runs: ``(wall, cpu)``.
     """
     for fn in runs.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             synchronize(device)
-            start = clock()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             synchronize(device)
-            samples[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    medians = [{name: statistics.median(values) for name, values in samples.items()} for samples in (wall, cpu)]
+    return tuple(medians) if with_cpu_time else medians[0]
 
 
 def parse_dtype(name: str) -> torch.dtype:

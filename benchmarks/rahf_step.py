@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -237,9 +236,8 @@ def main(argv=None):
                              "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)]
                     output = subprocess.run(child, capture_output=True, text=True, check=True).stdout
                     peaks[method] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
-            times = time_interleaved(runs, args.repeats, args.device)
-            cpu = time_interleaved(runs, args.repeats, args.device, clock=time.process_time) \
-                if args.device == "cpu" else None
+            times, cpu = time_interleaved(runs, args.repeats, args.device, with_cpu_time=True)
+            cpu = cpu if args.device == "cpu" else None
             row = {"model": model_name, "device": args.device, "dtype": args.dtype, "backend": args.backend,
                    "batch": args.batch, "prompt_tokens": args.prompt_len, "response_tokens": args.response_len,
                    "dpo_step_s": times["dpo"], "dpo_peak_mib": peaks["dpo"]}
