@@ -39,6 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--goals", type=int, default=100)
     parser.add_argument("--vector", type=Path, default=None, help="reuse a saved vector instead of fitting one")
+    parser.add_argument("--pooling", default="last", choices=["last", "mean"])
+    parser.add_argument("--splits", nargs="+", default=["harmless-base", "helpful-base"])
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--rows", type=int, default=None, help="harmless-base rows to annotate (default: all)")
     parser.add_argument("--helpful_rows", type=int, default=None)
@@ -64,7 +66,8 @@ def main() -> None:
         start = time.perf_counter()
         # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
         vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
-                                  generation_batch_size=len(goals), batch_size=args.batch_size, progress=True)
+                                  generation_batch_size=len(goals), batch_size=args.batch_size, progress=True,
+                                  pooling=args.pooling)
         summary["fit_seconds"] = round(time.perf_counter() - start, 1)
         vec.save_pretrained(args.out / "vector")
     print(f"vector {vec}; fit seconds: {summary['fit_seconds']}")
@@ -72,7 +75,8 @@ def main() -> None:
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu",
                     batch_size=args.batch_size)
     margins = {}
-    for split, limit in (("harmless-base", args.rows), ("helpful-base", args.helpful_rows)):
+    limits = {"harmless-base": args.rows, "helpful-base": args.helpful_rows}
+    for split, limit in ((split, limits.get(split)) for split in args.splits):
         output, split_summary = args.out / f"{split}.jsonl", args.out / f"{split}.summary.json"
         if output.is_file() and split_summary.is_file():  # finished by an earlier run of this command
             margins[split] = torch.tensor([row["margin_raw"] for row in read_jsonl(output)])
@@ -111,7 +115,7 @@ def main() -> None:
     ax.set_xlabel("margin_raw = (emb(chosen) - emb(rejected)) . direction")
     ax.set_ylabel("pairs")
     ax.set_title(f"LEGEND margins, SmolLM2-135M-Instruct ({args.dtype})\nvector from {args.goals} AdvBench goals, "
-                 "last token, final layer", fontsize=10)
+                 f"{args.pooling} pooling, final layer", fontsize=10)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, args.plot)

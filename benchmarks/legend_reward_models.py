@@ -39,12 +39,13 @@ def load_rows(path: Path, tokenizer, max_length: int) -> tuple[list[dict], int]:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[dict]) -> float:
+def accuracy(model, tokenizer, rows: list[dict], bf16: bool = False) -> float:
     model.eval()
     wins = 0
     for row in rows:
         batch = tokenizer([row["chosen"], row["rejected"]], return_tensors="pt", padding=True)
-        scores = model(**batch).logits.squeeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = model(**batch).logits.squeeze(-1).float()
         wins += int(scores[0] > scores[1])
     return wins / len(rows)
 
@@ -60,7 +61,7 @@ def train(train_rows, eval_rows, tokenizer, use_margin: bool, args) -> dict:
         output_dir=str(args.out / ("with_margin" if use_margin else "no_margin")), num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length,
         seed=args.seed, data_seed=args.seed, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0,
+        disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="SEQ_CLS",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=["score"])
@@ -70,7 +71,7 @@ def train(train_rows, eval_rows, tokenizer, use_margin: bool, args) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"eval_accuracy": round(accuracy(trainer.model, tokenizer, eval_rows), 4), "train_steps":
+    return {"eval_accuracy": round(accuracy(trainer.model, tokenizer, eval_rows, args.bf16), 4), "train_steps":
             trainer.state.global_step, "train_seconds": round(seconds, 1), "logged_losses": losses}
 
 
@@ -82,8 +83,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (fast on AVX512-BF16)")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_reward_models"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
     rows, total = load_rows(args.annotated, tokenizer, args.max_length)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
