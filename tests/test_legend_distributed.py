@@ -32,11 +32,11 @@ SCRIPT = textwrap.dedent(
     vec = MarginVector.from_pretrained(out / "vec")
     rows = json.loads((out / "rows.json").read_text())
     seen = []
-    encode = LegendMarginPipeline.encode
-    def recording_encode(self, example, row=None, **kwargs):
-        seen.append(row)
-        return encode(self, example, row, **kwargs)
-    LegendMarginPipeline.encode = recording_encode
+    encode_rows = LegendMarginPipeline.encode_rows
+    def recording_encode_rows(self, examples, rows=None, **kwargs):
+        seen.extend(rows)
+        return encode_rows(self, examples, rows, **kwargs)
+    LegendMarginPipeline.encode_rows = recording_encode_rows
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec, device="cpu")
     result = pipe.annotate(rows, num_bins=3, output=out / "annotated.jsonl", checkpoint_every=3, batch_size=2)
     (out / f"rank{state.process_index}.json").write_text(json.dumps({"rows": seen, "margins": list(result["margin_raw"])}))
