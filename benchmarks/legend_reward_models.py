@@ -1,4 +1,4 @@
-"""LEGEND's Table-1 analogue at toy scale: reward models trained with and without the binned margins.
+"""LEGEND's Table-1 analogue at small scale: reward models trained with and without the binned margins.
 
 Reads the harmless-base rows annotated by ``legend_real_data.py``, splits them 80/20 (seed 0), trains two LoRA +
 score-head reward models on the embedded SmolLM2-135M-Instruct with ``trl.RewardTrainer`` (same seed, steps and
