@@ -20,7 +20,6 @@ about 3x faster on a CPU with AVX512-BF16, which buys a larger budget in the sam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -41,8 +40,6 @@ from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import save_figure, write_json  # noqa: E402
-
-AUTOCAST = contextlib.nullcontext  # set to bfloat16 autocast by --bf16
 
 def load_pairs(args, tokenizer):
     rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
@@ -80,8 +77,7 @@ def loglik(model, tokenizer, items, normalize, batch_size=8):
     for start in range(0, len(items), batch_size):
         encoded = [encode_pair(tokenizer, p, r, template) for p, r in items[start : start + batch_size]]
         batch = pad_with_response_labels(encoded, tokenizer.pad_token_id)
-        with AUTOCAST():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         out += response_logps(logits, batch["labels"], normalize).tolist()
     return out
 
@@ -105,11 +101,12 @@ def truthfulqa_mc1(model, tokenizer, questions):
 STAGES = ("base", "scit", "dual", "rahf_scit", "rahf_dual", "report")
 
 
-def evaluate(name, model, tokenizer, held, questions, work):
+def evaluate(name, model, tokenizer, held, questions, work, bf16=False):
     model.eval()
     start = time.time()
-    result = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
-              "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions), "seconds": time.time() - start}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        result = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
+                  "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions), "seconds": time.time() - start}
     write_json(work / f"result_{name}.json", result)
     print(f"[{name}] {result}", flush=True)
 
@@ -149,9 +146,6 @@ def main():
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.bf16:
-        global AUTOCAST
-        AUTOCAST = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +159,7 @@ def main():
     fresh = lambda: load_model_and_tokenizer()[0].train()  # noqa: E731
 
     if "base" in args.stages:
-        evaluate("base", base, tokenizer, held, questions, work)
+        evaluate("base", base, tokenizer, held, questions, work, args.bf16)
     if "scit" in args.stages:
         start = time.time()
         scit = SCITTrainer(fresh(), SCITConfig(**common(args, work / "scit", max_steps=args.step1_steps,
@@ -196,7 +190,7 @@ def main():
         save_curve(work, f"RAHF after {method.upper()}", trainer.state.log_history, time.time() - start)
         trainer.save_pretrained(work / f"rahf_{method}_adapter")
         tuned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(work / f"rahf_{method}_adapter"))
-        evaluate(f"{method.upper()} -> RAHF", tuned, tokenizer, held, questions, work)
+        evaluate(f"{method.upper()} -> RAHF", tuned, tokenizer, held, questions, work, args.bf16)
     if "report" in args.stages:
         results = {f.stem[len("result_"):]: json.loads(f.read_text()) for f in sorted(work.glob("result_*.json"))}
         order = ["SCIT (Eq. 1)", "Dual good (SFT)", "Dual bad (SFT)", "RAHF after SCIT", "RAHF after DUAL"]

@@ -364,6 +364,7 @@ def test_rows_with_different_columns_keep_every_column():
 
 
 def test_drop_invalid_leaves_out_bad_rows_and_names_them(pipe, tmp_path):
+    assert pipe.last_dropped_rows == []
     rows = [dict(row, id=i) for i, row in enumerate(pairs(5))]
     rows[1]["chosen"] = "  "
     rows[3]["rejected"] = None

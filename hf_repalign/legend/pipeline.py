@@ -67,6 +67,7 @@ class LegendMarginPipeline(Pipeline):
         if self.tokenizer.pad_token is None:  # batching pads; the pad id is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.last_truncated_rows: list[int] = []
+        self.last_dropped_rows: list[int] = []  # set by annotate(..., drop_invalid=True)
 
     def _sanitize_parameters(self, margin_vector=None, template=_UNSET, max_length=None, truncation=None, **kwargs):
         if kwargs:
