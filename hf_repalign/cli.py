@@ -12,12 +12,15 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import Literal
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 
 from .formats import PreferenceFormatError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]  # a --dtype flag: argparse checks the choice
 
 
 def add_command(

@@ -105,3 +105,10 @@ def test_data_readers(shared_data):
     assert len(read_mt_bench(shared_data / "mt_bench" / "question.jsonl")) == 80
     assert len(read_jsonl(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")) == 2312
     assert len(read_truthfulqa_mc(shared_data / "truthfulqa" / "mc_task.json")) == 817
+
+
+def test_load_model_refuses_an_unknown_dtype_name():
+    from hf_repalign.models import load_model_and_tokenizer
+
+    with pytest.raises(ValueError, match="`dtype` must be a torch dtype name .* got 'bf16'"):
+        load_model_and_tokenizer("/nonexistent", dtype="bf16")

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..cli import add_command
+from ..cli import DType, add_command
 from ..data_files import read_jsonl
 
 logger = logging.get_logger(__name__)
+
 
 
 @dataclass
@@ -28,7 +29,7 @@ class FitVectorArguments:
     prompts: str = field(metadata={"help": "File of harmful prompts: .csv (column --prompt_column), .txt, .jsonl."})
     output: str = field(metadata={"help": "Folder to save the vector to (safetensors + config.json + card)."})
     model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
-    dtype: str | None = field(
+    dtype: DType | None = field(
         default=None, metadata={"help": "Model dtype: float32, bfloat16 (fast on CPUs with AVX512-BF16), float16."}
     )
     prompt_column: str = field(default="goal", metadata={"help": "Prompt column in .csv / .jsonl files."})
@@ -55,7 +56,7 @@ class AnnotateArguments:
     vector: str = field(metadata={"help": "Margin vector folder or Hub repo id (from fit-vector)."})
     output: str = field(metadata={"help": "Output file: .jsonl, .json or .parquet (written atomically)."})
     model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
-    dtype: str | None = field(
+    dtype: DType | None = field(
         default=None, metadata={"help": "Model dtype: float32, bfloat16 (fast on CPUs with AVX512-BF16), float16."}
     )
     num_bins: int | None = field(default=10, metadata={"help": "Equal-frequency bins; 0 keeps raw margins."})

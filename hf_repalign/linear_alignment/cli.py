@@ -10,12 +10,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from hf_repalign.cli import add_command
+from hf_repalign.cli import DType, add_command
 from hf_repalign.models import load_model_and_tokenizer
 
 from .paired import paired_generate
 from .principles import HARMLESS_PRINCIPLE, build_principle_inputs
 from .processor import LinearAlignmentProcessor
+
 
 
 @dataclass
@@ -24,7 +25,7 @@ class GenerateArguments:
     principle: str = field(default=HARMLESS_PRINCIPLE, metadata={"help": "Principle, added as a system message."})
     alpha: float = field(default=1.0, metadata={"help": "Step along (principle - plain) logits; 0 = prompting."})
     model: str | None = field(default=None, metadata={"help": "Local path or Hub id; default: embedded SmolLM2."})
-    dtype: str | None = field(default=None, metadata={"help": "Model dtype: float32 (default), bfloat16, float16."})
+    dtype: DType | None = field(default=None, metadata={"help": "Model dtype: float32 (default), bfloat16, float16."})
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens to generate per answer."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
