@@ -34,6 +34,8 @@ from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir  #
 from hf_repalign.legend import MarginVector  # noqa: E402
 from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
 
+CHUNK = 512  # rows per checkpointed chunk (annotate's checkpoint_every)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,10 +87,10 @@ def main() -> None:
             continue
         rows = read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz")[:limit]
         parts = args.out / f".{split}.jsonl.parts"
-        resumed = len(list(parts.glob("chunk-*.json"))) * 512 if parts.is_dir() else 0
+        resumed = len(list(parts.glob("chunk-*.json"))) * CHUNK if parts.is_dir() else 0
         start = time.perf_counter()
         annotated = pipe.annotate(rows, num_bins=10, output=output, max_length=args.max_length, truncation="left",
-                                  resume=True, drop_invalid=True)
+                                  resume=True, drop_invalid=True, checkpoint_every=CHUNK)
         seconds = time.perf_counter() - start
         raw = torch.tensor(list(annotated["margin_raw"]))
         margins[split] = raw
@@ -115,7 +117,7 @@ def main() -> None:
     ax.set_xlabel("margin_raw = (emb(chosen) - emb(rejected)) . direction")
     ax.set_ylabel("pairs")
     ax.set_title(f"LEGEND margins, SmolLM2-135M-Instruct ({args.dtype})\nvector from {args.goals} AdvBench goals, "
-                 f"{args.pooling} pooling, final layer", fontsize=10)
+                 f"{vec.pooling} pooling, layer {vec.layer}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, args.plot)
