@@ -101,3 +101,40 @@ def test_align_on_precomputed_targets_loads_no_instructed_model(setup, tokenizer
     assert cli.main(["rahf", "align", *common, "--precomputed_targets", str(targets),
                      "--output_dir", str(tmp_path / "rahf")]) == 0
     assert (tmp_path / "rahf" / "adapter_model.safetensors").is_file()
+
+
+def test_authors_presets_end_to_end(setup, monkeypatch):
+    """SCIT adapter -> align --preset authors (LoRA on q/v, stacked on the SCIT adapter), Dual likewise, and a full
+    SCIT model that carries the LoRA itself (the base is then never loaded)."""
+    from hf_repalign.rahf import trainer as rahf_trainer
+
+    tmp_path, model_dir, common = setup
+    assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(tmp_path / "scit")]) == 0
+    stacks = []
+    original = rahf_trainer.RAHFTrainer._resolve_sources
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        stacks.append(result[2])
+        return result
+
+    monkeypatch.setattr(rahf_trainer.RAHFTrainer, "_resolve_sources", staticmethod(spy))
+    assert cli.main(["rahf", "align", *common, "--preset", "authors", "--instructed", str(tmp_path / "scit"),
+                     "--output_dir", str(tmp_path / "rahf")]) == 0
+    config = json.loads((tmp_path / "rahf" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and stacks[-1] == ["rahf_scit"]
+
+    assert cli.main(["rahf", "dual", *common, "--output_dir", str(tmp_path / "dual")]) == 0
+    assert cli.main(["rahf", "align", *common, "--method", "dual", "--preset", "authors", "--instructed",
+                     str(tmp_path / "dual" / "good"), str(tmp_path / "dual" / "bad"),
+                     "--output_dir", str(tmp_path / "rahf_dual")]) == 0
+    assert stacks[-1] == ["rahf_good"]
+
+    assert cli.main(["rahf", "scit", *common, "--output_dir", str(tmp_path / "scit_full")]) == 0
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("hf_repalign.rahf.cli",))
+    from hf_repalign.rahf import cli as rahf_cli
+
+    monkeypatch.setattr(rahf_cli, "_load", lambda args: (_ for _ in ()).throw(AssertionError("base loaded")))
+    assert cli.main(["rahf", "align", *common, "--preset", "authors", "--instructed", str(tmp_path / "scit_full"),
+                     "--output_dir", str(tmp_path / "rahf_full")]) == 0
+    assert stacks[-1] == []

@@ -7,7 +7,8 @@ from peft import LoraConfig, get_peft_model
 from hf_repalign.formats import encode_pair
 from hf_repalign.rahf.instructions import instructed_template
 from hf_repalign.rahf.patterns import (
-    active_adapter,
+    SCIT_SCRIPT_LAYERS,
+    AdapterSwitch,
     activity_patterns,
     align_stimuli,
     default_target_layers,
@@ -85,7 +86,7 @@ def test_early_exit_matches_full_forward(tokenizer, family):
         torch.testing.assert_close(states[k][valid], full[layer][valid], rtol=1e-5, atol=1e-5)
 
 
-def test_active_adapter_switches_and_restores_trainability(tokenizer):
+def test_adapter_switch_stacks_and_switches_without_touching_trainability(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = get_peft_model(model, config)
@@ -94,13 +95,37 @@ def test_active_adapter_switches_and_restores_trainability(tokenizer):
     peft_model.train()
     ids = torch.tensor([[5, 6, 7, 8]])
     mask = torch.ones_like(ids)
+    switch = AdapterSwitch(peft_model)
     with torch.no_grad():
         default = activity_patterns(peft_model, ids, mask, [2])
-        with active_adapter(peft_model, "other"):
+        with peft_model.disable_adapter():  # PEFT's own switch-off (it re-enables trainability of active adapters)
+            bare = activity_patterns(peft_model, ids, mask, [2])
+        switch.set(["other", "default"])
+        stacked = activity_patterns(peft_model, ids, mask, [2])
+        with switch.only(peft_model, ["other"]):
+            assert not peft_model.training
             other = activity_patterns(peft_model, ids, mask, [2])
-        with active_adapter(peft_model, None):
-            base = activity_patterns(model, ids, mask, [2])
+        with switch.only(peft_model, []):
+            base = activity_patterns(peft_model, ids, mask, [2])
+        again = activity_patterns(peft_model, ids, mask, [2])
     assert not torch.allclose(default, other) and not torch.allclose(default, base)
+    assert not torch.allclose(stacked, default) and not torch.allclose(stacked, other)
+    torch.testing.assert_close(base, bare)
+    assert torch.equal(again, stacked)  # back to the resting stack
     assert peft_model.training and peft_model.active_adapter == "default"
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
+    # stacking two adapters == the sum of their deltas on each layer (LoRA is additive), checked on one layer
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        delta = {}
+        for name in ("default", "other"):
+            with switch.only(peft_model, [name]):
+                delta[name] = layer(x) - layer.base_layer(x)
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), delta["default"] + delta["other"])
+
+
+def test_scit_script_band_scaled():
+    assert default_target_layers(32, SCIT_SCRIPT_LAYERS) == [10, 12, 14, 16, 18]
+    assert default_target_layers(30, SCIT_SCRIPT_LAYERS) == [9, 11, 13, 15, 17]

@@ -1,4 +1,5 @@
-"""RAHFTrainer: loss by hand, zero loss, save/reload, resume, precomputed targets, Dual sources, errors."""
+"""RAHFTrainer with the LoRA on the base (lora_on="base"): loss by hand, zero loss, save/reload, resume, precomputed
+targets, Dual sources, errors. The authors' arrangement (LoRA on the step-1 model) is in test_rahf_fidelity.py."""
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def scit_adapter(tmp_path_factory, tokenizer):
 def _args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
                 save_strategy="no", preferred_instruction=P_POS, dispreferred_instruction=P_NEG, seed=0,
-                target_layers=LAYERS, max_response_tokens=6, lora_dropout=0.0)
+                target_layers=LAYERS, max_response_tokens=6, lora_dropout=0.0, lora_on="base")
     base.update(kw)
     return RAHFConfig(**base)
 

@@ -7,6 +7,7 @@ Example:
     $ repalign rahf scit  --dataset ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --output_dir out/scit --use_peft
     $ repalign rahf align --dataset ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --instructed out/scit \\
           --output_dir out/rahf --max_steps 200
+    $ repalign rahf align ... --preset authors     # the settings of the authors' step-2 script for --method
 """
 
 from __future__ import annotations
@@ -127,8 +128,13 @@ def run_align(args: AlignCommand) -> int:
     if args.precomputed_targets and args.instructed:
         raise SystemExit("--instructed and --precomputed_targets exclude each other: precomputed targets replace "
                          "the instructed model(s), which are then not loaded.")
-    model, tokenizer = _load(args)
+    from .trainer import is_full_model
+
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
+    if args.lora_on == "instructed" and args.instructed and is_full_model(args.instructed[0]):
+        model, tokenizer = args.instructed[0], None  # a full step-1 model carries the LoRA: the base is not loaded
+    else:
+        model, tokenizer = _load(args)
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=load_rows(args.dataset,
                           args.dataset_split, args.max_rows), processing_class=tokenizer, instructed=instructed)
     trainer.train()

@@ -27,6 +27,9 @@ from trl import SFTConfig, SFTTrainer
 from ..formats import encode_pair, to_triplet
 from ..hub import atomic_folder
 from .instructions import instructed_template
+from .scit import seed_before_init
+from .trainer_mixin import FiniteLossMixin
+from .validation import require_finite_weights, require_number, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -42,6 +45,14 @@ class DualConfig(SFTConfig):
     bad_instruction: str = field(default="", metadata={"help": "Instruction in the bad model's prompts."})
     prompt_format: str | None = field(default=None, metadata={"help": "Format with {query}; default as SCIT."})
     completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on response tokens only."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_number("learning_rate", self.learning_rate, low=0.0)
+
+
+class _DualSFTTrainer(FiniteLossMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` that stops at the first non-finite loss (see ``FiniteLossMixin``)."""
 
 
 def build_dual_examples(
@@ -94,10 +105,12 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
 
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    require_finite_weights(tensors, f"Dual {name} adapter")
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(peft_model.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(str(directory))
+    write_signature(directory, peft_model)
 
 
 def _sharded(trainer: Any) -> bool:
@@ -129,6 +142,7 @@ def train_dual(
     root = Path(args.output_dir)
     peft_model = None
     if peft_config is not None:
+        seed_before_init(args)
         peft_model = get_peft_model(model, peft_config, adapter_name="good")
         peft_model.add_adapter("bad", peft_config)
     folders = {}
@@ -143,7 +157,7 @@ def train_dual(
             trained = peft_model
         else:
             trained = copy.deepcopy(model)
-        trainer = SFTTrainer(model=trained, args=side_args, train_dataset=data, eval_dataset=evaluation,
+        trainer = _DualSFTTrainer(model=trained, args=side_args, train_dataset=data, eval_dataset=evaluation,
                              processing_class=tokenizer, **trainer_kwargs)
         if peft_model is None and _sharded(trainer):
             raise ValueError("full fine-tuning Dual cannot save under FSDP / DeepSpeed ZeRO-3; pass a peft_config.")
@@ -154,6 +168,7 @@ def train_dual(
                 if peft_model is not None:
                     _save_adapter(peft_model, name, tmp)
                 else:
+                    require_finite_weights(trained, f"Dual {name} model")
                     trainer._save(str(tmp))  # full weights on the main process (sharded setups are refused above)
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the loss history
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")

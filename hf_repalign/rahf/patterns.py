@@ -22,22 +22,24 @@ from torch import nn
 
 from ..hidden import hidden_states_at, num_hidden_layers, resolve_layers
 
-# The paper's band: hidden_states indices 10, 12, ..., 20 of a 32-layer model.
-PAPER_LAYERS = tuple(range(10, 21, 2))
+# The authors' bands, hidden_states indices of their 32-layer Llama-2-7B: DUAL-step2.sh uses 10, 12, ..., 20,
+# SCIT-step2.sh 10, 12, ..., 18.
+PAPER_LAYERS = (10, 12, 14, 16, 18, 20)
+SCIT_SCRIPT_LAYERS = (10, 12, 14, 16, 18)
 PAPER_DEPTH = 32
 
 
-def default_target_layers(num_layers: int) -> list[int]:
-    """The paper's (10, 20, 2) band of a 32-layer model, scaled to ``num_layers`` (e.g. 30 -> 9, 11, ..., 19)."""
+def default_target_layers(num_layers: int, band: Sequence[int] = PAPER_LAYERS) -> list[int]:
+    """``band`` (indices of a 32-layer model) scaled to ``num_layers``: e.g. 30 layers -> 9, 11, ..., 19."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be positive, got {num_layers}.")
-    return sorted({max(1, int(i * num_layers / PAPER_DEPTH + 0.5)) for i in PAPER_LAYERS})
+    return sorted({max(1, int(i * num_layers / PAPER_DEPTH + 0.5)) for i in band})
 
 
-def target_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    """``layers`` checked against ``model`` (clear error when out of range), or the default band."""
+def target_layers(model: nn.Module, layers: Sequence[int] | None, band: Sequence[int] = PAPER_LAYERS) -> list[int]:
+    """``layers`` checked against ``model`` (clear error when out of range), or ``band`` scaled to its depth."""
     if layers is None:
-        return default_target_layers(num_hidden_layers(model))
+        return default_target_layers(num_hidden_layers(model), band)
     return resolve_layers(model, list(layers))
 
 
@@ -91,30 +93,43 @@ def difference_vectors(
     return v, mask.long()
 
 
-@contextlib.contextmanager
-def active_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
-    """Run a PEFT model with adapter ``name`` (``None``: adapters disabled), in eval mode, then restore it.
+class AdapterSwitch:
+    """Chooses which LoRA adapters of a PEFT model compute in a forward, without touching trainable flags.
 
-    The previously active adapter gets back its trainable state, so this is safe in the middle of training.
+    PEFT's ``set_adapter`` also flips ``requires_grad`` and the model-level active adapter (which the Trainer's
+    checkpoint code reads); this sets only the per-layer list, so several adapters can be stacked (a frozen
+    step-1 adapter under the trained one) and switched per forward in the middle of training.
+
+    Example:
+        >>> switch = AdapterSwitch(peft_model)
+        >>> switch.set(["scit", "default"])          # resting state: both compute, only "default" is trainable
+        >>> with switch.only(peft_model, ["scit"]):  # eval mode, "default" off, then back
+        ...     states = activity_patterns(peft_model, ids, mask, [10])
     """
-    was_training = model.training
-    model.eval()
-    try:
-        if name is None:
-            with model.disable_adapter():
-                yield model
-        else:
-            previous = model.active_adapter
-            model.set_adapter(name, inference_mode=True) if _accepts_inference_mode(model) else model.set_adapter(name)
-            try:
-                yield model
-            finally:
-                model.set_adapter(previous)
-    finally:
-        model.train(was_training)
 
+    def __init__(self, model: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-def _accepts_inference_mode(model: nn.Module) -> bool:
-    import inspect
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.resting: list[str] = []
 
-    return "inference_mode" in inspect.signature(model.set_adapter).parameters
+    def set(self, names: Sequence[str]) -> None:
+        """Make ``names`` the adapters that compute from now on (the state forwards return to)."""
+        self.resting = list(names)
+        self._apply(self.resting)
+
+    def _apply(self, names: list[str]) -> None:
+        for layer in self.layers:
+            layer._active_adapter = list(names)
+
+    @contextlib.contextmanager
+    def only(self, model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+        """Run ``model`` in eval mode with only ``names`` computing (``[]``: the bare base), then restore."""
+        was_training = model.training
+        model.eval()
+        self._apply(list(names))
+        try:
+            yield model
+        finally:
+            self._apply(self.resting)
+            model.train(was_training)

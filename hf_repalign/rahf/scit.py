@@ -31,6 +31,7 @@ from ..formats import encode_pair, to_triplet
 from ..models import load_model_and_tokenizer
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 from .trainer_mixin import RAHFTrainerMixin
+from .validation import require_finite_weights, require_number, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -80,8 +81,12 @@ class SCITConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}.")
+        require_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
+        require_number("sft_weight", self.sft_weight, low=0.0)
+        require_number("learning_rate", self.learning_rate, low=0.0)
+        for name in ("max_prompt_length", "max_length"):
+            if getattr(self, name) is not None:
+                require_number(name, getattr(self, name), low=1, integer=True)
 
 
 def truncate_pairs(
@@ -179,6 +184,13 @@ class SCITCollator:
         return pad_with_response_labels(sequences, self.pad_token_id)
 
 
+def seed_before_init(args: TrainingArguments) -> None:
+    """Seed as ``Trainer.__init__`` will, before a fresh adapter is built outside it, so ``seed`` covers its init."""
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+
+
 def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """A model (or path / Hub id) and its tokenizer, with a pad token."""
     if isinstance(model, str):
@@ -229,6 +241,7 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
+            seed_before_init(args)
             model = get_peft_model(model, peft_config)
         train_dataset, eval_dataset = prepare_train_eval(
             train_dataset, eval_dataset, build_scit_examples, SCIT_COLUMNS, tokenizer, args
@@ -243,6 +256,12 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = list(SCIT_COLUMNS)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        require_finite_weights(self.accelerator.unwrap_model(self.model), "SCIT model")
+        super()._save(output_dir, state_dict)
+        if hasattr(self.model, "peft_config") and self.args.should_save:  # an adapter: record its base
+            write_signature(output_dir if output_dir is not None else self.args.output_dir, self.model)
 
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits

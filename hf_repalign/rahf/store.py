@@ -2,7 +2,8 @@
 in memory beside the model being trained.
 
 Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
-``str(example_index)``; ``targets.json`` maps keys to shards and records the layers. The folder is written
+``str(example_index)``; ``targets.json`` maps keys to shards and records the layers and the base model (id, depth,
+width, vocabulary), which a trainer using the folder checks against its own base. The folder is written
 atomically (built beside its destination, then renamed): an interrupted precompute leaves the previous folder or
 none, never a partial one.
 
@@ -17,20 +18,24 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..hub import atomic_folder
+from .validation import check_signature
 
 INDEX_NAME = "targets.json"
 
 
 def write_targets(
-    directory: str | os.PathLike, items: Iterable[tuple[int, torch.Tensor]], layers: list[int], shard_size: int = 1024
+    directory: str | os.PathLike, items: Iterable[tuple[int, torch.Tensor]], layers: list[int], shard_size: int = 1024,
+    base: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``(example_index, (n_layers, r, H) tensor)`` pairs into shards of ``shard_size`` examples."""
+    """Write ``(example_index, (n_layers, r, H) tensor)`` pairs into shards of ``shard_size`` examples; ``base`` is
+    the signature of the model they were computed with (``validation.base_signature``)."""
     directory = Path(directory)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
@@ -50,7 +55,7 @@ def write_targets(
             if len(shard) >= shard_size:
                 flush()
         flush()
-        index = {"layers": list(layers), "num_examples": len(weight_map), "weight_map": weight_map}
+        index = {"layers": list(layers), "base": base, "num_examples": len(weight_map), "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
     return directory
 
@@ -64,8 +69,16 @@ class TargetStore:
             raise FileNotFoundError(f"{self.directory} has no {INDEX_NAME}; write it with precompute_targets().")
         index = json.loads((self.directory / INDEX_NAME).read_text())
         self.layers: list[int] = index["layers"]
+        self.base: dict[str, Any] | None = index.get("base")
         self.weight_map: dict[str, str] = index["weight_map"]
         self._handles: dict[str, object] = {}
+
+    def check(self, layers: list[int], model: Any) -> None:
+        """Refuse targets made for other layers or another base (depth, width, vocabulary; see ``validation``)."""
+        if self.layers != list(layers):
+            raise ValueError(f"precomputed targets at {self.directory} are for layers {self.layers}, training uses "
+                             f"{list(layers)}.")
+        check_signature(self.base, model, f"precomputed targets at {self.directory}")
 
     def get(self, example_index: int) -> torch.Tensor:
         key = str(int(example_index))
@@ -84,6 +97,9 @@ class TargetStore:
         out = torch.zeros((n, b, t, hidden_size), dtype=dtype, device=response_mask.device)
         for row, index in enumerate(example_indices.tolist()):
             stored = self.get(index)
+            if stored.shape[-1] != hidden_size:
+                raise ValueError(f"example {index}: precomputed vectors have hidden size {stored.shape[-1]}, the "
+                                 f"model {hidden_size}; they were made for another base model.")
             positions = response_mask[row].nonzero().squeeze(-1)
             if stored.shape[1] != len(positions):
                 raise ValueError(f"example {index}: {stored.shape[1]} stored positions but {len(positions)} in the "

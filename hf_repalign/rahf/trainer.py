@@ -24,8 +24,9 @@ import contextlib
 import copy
 import json
 import os
+import random
 import types
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,25 @@ from ..formats import encode_pair, to_triplet
 from ..hidden import num_hidden_layers
 from ..hub import atomic_folder, atomic_write_text, render_card
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
-from .patterns import active_adapter, activity_patterns, align_stimuli, difference_vectors, target_layers
-from .scit import load_causal_lm, prepare_train_eval
+from .patterns import (
+    PAPER_LAYERS,
+    SCIT_SCRIPT_LAYERS,
+    AdapterSwitch,
+    activity_patterns,
+    align_stimuli,
+    difference_vectors,
+    target_layers,
+)
+from .scit import load_causal_lm, prepare_train_eval, seed_before_init
 from .store import TargetStore, write_targets
 from .trainer_mixin import RAHFTrainerMixin
+from .validation import (
+    base_signature,
+    check_adapter_folder,
+    require_finite_weights,
+    require_number,
+    write_signature,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -72,36 +88,73 @@ def rahf_loss(
     return per_position.sum() / (valid.sum().clamp(min=1) if num_items is None else num_items)
 
 
+# The authors' step-2 scripts (github.com/LiuAmber/RAHF, code/bash/SCIT-step2.sh and DUAL-step2.sh, with
+# code/step2/RAHF.py): what `preset="authors"` sets. Batch size, steps, bf16 and gradient checkpointing depend on the
+# hardware and are left to the user (docs/rahf.md lists the scripts' values).
+_AUTHORS_COMMON = dict(alpha=5.0, loss_type="l2", lr_scheduler_type="constant", weight_decay=0.0, max_prompt_length=256,
+                       lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"],
+                       lora_on="instructed")
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"authors": {
+    # SCIT: A_base and v from the SCIT model; per example chosen or rejected at random (--data_type random).
+    "scit": dict(_AUTHORS_COMMON, learning_rate=3e-4, layer_band=list(SCIT_SCRIPT_LAYERS), max_response_tokens=512,
+                 stimulus_response="random", target_instruction="", preferred_instruction=PREFERRED_INSTRUCTION,
+                 dispreferred_instruction=DISPREFERRED_INSTRUCTION),
+    # Dual: compute_loss_DUAL feeds the same stimulus (input_ids[:, 0], which carries the preferred instruction as
+    # --ori_type) to the target, the good and the bad model; both responses of every pair (--data_type all).
+    "dual": dict(_AUTHORS_COMMON, learning_rate=9e-6, layer_band=list(PAPER_LAYERS), max_response_tokens=64,
+                 stimulus_response="both", target_instruction=PREFERRED_INSTRUCTION,
+                 preferred_instruction=PREFERRED_INSTRUCTION, dispreferred_instruction=PREFERRED_INSTRUCTION),
+}}
+
+
 @dataclass
 class RAHFConfig(TrainingArguments):
-    """``TrainingArguments`` plus RAHF's options (defaults: the paper's)."""
+    """``TrainingArguments`` plus RAHF's options.
+
+    Defaults say where they come from: "authors" (their step-2 scripts), "ours" or "Trainer". ``preset="authors"``
+    sets every method setting of the authors' script for ``method`` on the fields left at their defaults.
+    """
 
     method: str = field(default="scit", metadata={"help": "'scit' (one instructed model) or 'dual' (good/bad)."})
-    alpha: float = field(default=5.0, metadata={"help": "Scale of the difference vectors in the target."})
+    preset: str | None = field(default=None, metadata={
+        "help": "'authors': the settings of the authors' step-2 script for `method` (lr, schedule, layer band, "
+                "response length, stimuli, LoRA on q_proj/v_proj), applied to the fields left at their defaults."})
+    lora_on: str = field(default="instructed", metadata={
+        "help": "'instructed' (authors): the LoRA is trained on the step-1 model (SCIT / Dual good), which also "
+                "gives A_base; 'base': on the original base, A_base from the base."})
+    alpha: float = field(default=5.0, metadata={"help": "Scale of the difference vectors in the target (authors: 5)."})
     target_layers: list[int] | None = field(
-        default=None, metadata={"help": "hidden_states indices; default: the paper's 10..20 step 2 band, scaled."}
+        default=None, metadata={"help": "hidden_states indices; default: layer_band scaled to the model's depth."}
     )
-    loss_type: str = field(default="l2", metadata={"help": "'l2' (mean per-token L2 norm) or 'mse'."})
-    max_response_tokens: int = field(default=64, metadata={"help": "First N response tokens carry the loss."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Prompts keep their last N tokens."})
+    layer_band: list[int] = field(default_factory=lambda: list(PAPER_LAYERS), metadata={
+        "help": "Target layers as indices of a 32-layer model, scaled (authors: Dual 10..20, SCIT 10..18, step 2)."})
+    loss_type: str = field(default="l2", metadata={"help": "'l2' (mean per-token L2 norm, authors) or 'mse'."})
+    max_response_tokens: int = field(default=64, metadata={
+        "help": "First N response tokens carry the loss (authors: 64 Dual, 512 SCIT)."})
+    max_prompt_length: int = field(default=512, metadata={"help": "Prompts keep their last N tokens (ours; "
+                                                                  "authors: 256)."})
     preferred_instruction: str | None = field(
-        default=None, metadata={"help": "Stimulus instruction p+; default: the paper's for scit, none for dual."}
+        default=None, metadata={"help": "Instruction of the p+ stimulus (SCIT model / good model); default: the "
+                                        "paper's p+ for scit, none for dual (ours; authors' Dual: the paper's p+)."}
     )
     dispreferred_instruction: str | None = field(
-        default=None, metadata={"help": "Stimulus instruction p-; default: the paper's for scit, none for dual."}
+        default=None, metadata={"help": "Instruction of the p- stimulus (SCIT model / bad model); default: the "
+                                        "paper's p- for scit, none for dual (ours; authors' Dual: the paper's p+)."}
     )
-    target_instruction: str = field(default="", metadata={"help": "Instruction the trained model sees (none)."})
+    target_instruction: str = field(default="", metadata={
+        "help": "Instruction of the stimulus the trained model and A_base see (none; authors' Dual: the paper's p+)."})
     prompt_format: str | None = field(default=None, metadata={"help": "Format with {query}; default as SCIT."})
-    stimulus_response: str = field(
-        default="chosen", metadata={"help": "Response used in the stimuli: 'chosen', 'rejected' or 'both'."}
-    )
+    stimulus_response: str = field(default="chosen", metadata={
+        "help": "Response of the stimuli: 'chosen' (ours), 'rejected', 'both' (authors' Dual) or 'random' (one of "
+                "the two per pair, seeded by `seed`; authors' SCIT)."})
     precomputed_targets: str | None = field(
         default=None, metadata={"help": "Folder written by precompute_targets(); no instructed model needed."}
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (when no peft_config is given)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: all linear layers."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank when no peft_config is given (authors: 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (authors: 16)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (authors: 0.05)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Default: all linear layers (ours; authors: q_proj, v_proj)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Recorded in the model card."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAHF needs its own columns."})
     ddp_find_unused_parameters: bool | None = field(
@@ -109,31 +162,78 @@ class RAHFConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._apply_preset()
         super().__post_init__()
-        choices = {"method": ("scit", "dual"), "loss_type": ("l2", "mse"),
-                   "stimulus_response": ("chosen", "rejected", "both")}
+        choices = {"method": ("scit", "dual"), "loss_type": ("l2", "mse"), "lora_on": ("instructed", "base"),
+                   "stimulus_response": ("chosen", "rejected", "both", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if self.max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}.")
+        require_number("alpha", self.alpha, low=0.0)
+        require_number("learning_rate", self.learning_rate, low=0.0)
+        require_number("max_response_tokens", self.max_response_tokens, low=1, integer=True)
+        require_number("max_prompt_length", self.max_prompt_length, low=1, integer=True)
+        require_number("lora_r", self.lora_r, low=1, integer=True)
+        require_number("lora_alpha", self.lora_alpha, low=0.0)
+        require_number("lora_dropout", self.lora_dropout, low=0.0, high=0.99)
+        for name in ("target_layers", "layer_band"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
+            if not layers or len(set(layers)) != len(layers):
+                raise ValueError(f"{name} must be a non-empty list without repeats, got {layers!r}.")
+            for layer in layers:
+                require_number(f"{name} entry", layer, integer=True, **({"low": 1, "high": 32}
+                                                                       if name == "layer_band" else {}))
+        if self.target_layers is not None and 0 in self.target_layers:
+            raise ValueError("target layer 0 is the embedding output, which a LoRA on the decoder cannot move; "
+                             "choose indices >= 1.")
         scit = self.method == "scit"
         if self.preferred_instruction is None:
             self.preferred_instruction = PREFERRED_INSTRUCTION if scit else ""
         if self.dispreferred_instruction is None:
             self.dispreferred_instruction = DISPREFERRED_INSTRUCTION if scit else ""
 
+    def _apply_preset(self) -> None:
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}.")
+        if self.method not in PRESETS[self.preset]:
+            raise ValueError(f"method must be one of {sorted(PRESETS[self.preset])} for preset {self.preset!r}, "
+                             f"got {self.method!r}.")
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                    for f in fields(self) if f.default is not MISSING or f.default_factory is not MISSING}
+        applied, kept = [], []
+        for name, value in PRESETS[self.preset][self.method].items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, copy.deepcopy(value))
+                applied.append(name)
+            elif getattr(self, name) != value:
+                kept.append(name)
+        logger.info(f"RAHF preset {self.preset!r} ({self.method}) set {', '.join(applied) or 'nothing'}"
+                    + (f"; kept your {', '.join(kept)}" if kept else "") + ".")
+
+
+def stimulus_sides(choice: str, row_index: int, seed: int) -> list[str]:
+    """The response(s) of a pair the stimuli use; ``"random"`` draws one per row from ``(seed, row_index)`` alone, so
+    the draw is the same however ``datasets.map`` batches the rows (and for precomputed targets)."""
+    if choice == "both":
+        return ["chosen", "rejected"]
+    if choice == "random":
+        return ["rejected" if random.Random(f"{seed}:{row_index}").random() < 0.5 else "chosen"]
+    return [choice]
+
 
 def build_rahf_examples(rows: dict[str, list], indices: list[int], tokenizer: Any, args: RAHFConfig) -> dict:
     """Batched ``datasets.map`` function: a preference row -> stimuli (target, p+, p-) sharing one response."""
     templates = [instructed_template(tokenizer, instruction, args.prompt_format) for instruction in
                  (args.target_instruction, args.preferred_instruction, args.dispreferred_instruction)]
-    sides = ["chosen", "rejected"] if args.stimulus_response == "both" else [args.stimulus_response]
     out: dict[str, list] = {name: [] for name in RAHF_COLUMNS}
     names = list(rows)
     for j, row_index in enumerate(indices):
         triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
-        for k, side in enumerate(sides):
+        for k, side in enumerate(stimulus_sides(args.stimulus_response, row_index, args.seed)):
             encoded = [encode_pair(tokenizer, triplet.prompt, getattr(triplet, side), t) for t in templates]
             responses = [ids[n:] for ids, n in encoded]
             if any(r != responses[0] for r in responses):
@@ -142,7 +242,7 @@ def build_rahf_examples(rows: dict[str, list], indices: list[int], tokenizer: An
             for name, (ids, n) in zip(RAHF_COLUMNS[:3], encoded):
                 out[name].append(ids[:n])
             out["response_ids"].append(responses[0][: args.max_response_tokens])
-            out["example_index"].append(row_index * len(sides) + k)
+            out["example_index"].append(row_index * 2 + k if args.stimulus_response == "both" else row_index)
     return out
 
 
@@ -186,16 +286,22 @@ def _hidden_forward(self, *args, rahf_layers=None, **kwargs):
 
 
 class _Source:
-    """Where activity patterns come from: an adapter of the trained PEFT model, or a separate model."""
+    """Where activity patterns come from: adapters of the trained PEFT model (``[]``: the bare base), or a separate
+    model."""
 
-    def __init__(self, adapter: str | None = None, model: nn.Module | None = None):
-        self.adapter, self.model = adapter, model
+    def __init__(self, adapters: list[str] | None = None, model: nn.Module | None = None):
+        self.adapters, self.model = adapters, model
 
-    def patterns(self, peft_model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: list[int]):
-        if self.model is not None:
-            return activity_patterns(self.model, ids, mask, layers)
-        with active_adapter(peft_model, self.adapter):
-            return activity_patterns(peft_model, ids, mask, layers)
+
+_SELF = object()  # marks the step-1 model that became the trained model itself (lora_on="instructed")
+
+
+def is_full_model(item: Any) -> bool:
+    """A full model (a module, or a model folder that is not an adapter folder), as opposed to an adapter."""
+    if isinstance(item, nn.Module):
+        return True
+    return isinstance(item, (str, os.PathLike)) and not (Path(item) / "adapter_config.json").is_file() and (
+        Path(item) / "config.json").is_file()
 
 
 def _check_compatible(model: nn.Module, other: nn.Module, what: str) -> None:
@@ -210,7 +316,8 @@ def _check_compatible(model: nn.Module, other: nn.Module, what: str) -> None:
 
 
 def _load_adapter(peft_model: nn.Module, path: Path, name: str) -> None:
-    """Load a PEFT adapter folder under ``name`` (frozen), with clear errors when it belongs to another base."""
+    """Load a PEFT adapter folder under ``name`` (frozen), refused when it was made for another base."""
+    check_adapter_folder(path, peft_model)
     config = json.loads((path / "adapter_config.json").read_text())
     expected = getattr(peft_model.base_model.model.config, "name_or_path", "") or ""
     recorded = config.get("base_model_name_or_path") or ""
@@ -223,6 +330,17 @@ def _load_adapter(peft_model: nn.Module, path: Path, name: str) -> None:
                          f"{str(err).splitlines()[0][:300]}") from err
 
 
+def _freeze_dropout(peft_model: nn.Module, names: list[str]) -> None:
+    """Frozen adapters compute without dropout, in the trained (train-mode) forward too: otherwise a step-1 adapter
+    under the LoRA would add noise that its no-grad A_base forward (eval mode) does not have."""
+    for module in peft_model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name in names:
+                if name in dropouts:
+                    dropouts[name] = nn.Identity()
+
+
 class RAHFTrainer(RAHFTrainerMixin, Trainer):
     """A ``Trainer`` for RAHF's representation alignment with a fresh LoRA (see the module docstring).
 
@@ -230,6 +348,13 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
     ``method="dual"``. Each is an adapter folder (loaded onto the same base, preferred), the name of an adapter
     already in ``model``, a model folder or an ``nn.Module`` (a separate model). It must be ``None`` when
     ``args.precomputed_targets`` is set: then no instructed model is loaded.
+
+    Where the LoRA goes (``args.lora_on``): ``"instructed"`` (default, as the authors' scripts) trains it on the
+    step-1 model (the SCIT model, or Dual's good model), which also gives ``A_base``. When that model is an adapter
+    it stays active, frozen, under the LoRA (one copy of the base weights); when it is a full model it *is* the model
+    trained and ``model`` is not used. ``"base"`` trains the LoRA on ``model`` itself, ``A_base`` from ``model``.
+    With precomputed targets, ``model`` is what the LoRA trains on (pass the step-1 model; a ``PeftModel``'s active
+    adapters stay active under the LoRA with ``"instructed"``).
     """
 
     _tag_names = ["hf_repalign", "rahf"]
@@ -253,8 +378,15 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         if args.precomputed_targets and instructed is not None:
             raise ValueError("give `instructed` or `args.precomputed_targets`, not both: precomputed targets replace "
                              "the instructed model(s), which are then not loaded.")
+        items = self._instructed_items(instructed, args)
+        if args.lora_on == "instructed" and items and is_full_model(items[0]):
+            # The step-1 model is a full model: the LoRA trains on it, so the base is never loaded beside it.
+            if isinstance(model, nn.Module) and model is not items[0]:
+                logger.warning("lora_on='instructed' with a full step-1 model: the LoRA is trained on that model; "
+                               "the `model` argument is not used.")
+            model, items[0] = items[0], _SELF
         model, tokenizer = load_causal_lm(model, processing_class)
-        self.layers = target_layers(model, args.target_layers)
+        self.layers = target_layers(model, args.target_layers, args.layer_band)
         if 0 in self.layers:
             raise ValueError("target layer 0 is the embedding output, which a LoRA on the decoder cannot move; "
                              "choose indices >= 1.")
@@ -268,18 +400,25 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             # Blocks above the top target layer never run: leaving them out saves memory and keeps DDP happy.
             peft_config = copy.deepcopy(peft_config)
             peft_config.layers_to_transform = list(range(max(self.layers)))
+        seed_before_init(args)  # Trainer.__init__ seeds only later: `seed` must cover the fresh LoRA's init
+        existing: list[str] = []
         if isinstance(model, PeftModel):
             if ADAPTER in model.peft_config:
                 raise ValueError(f"model already has an adapter named {ADAPTER!r}; pass the base model and give "
                                  "the instructed adapters as folders or under other names.")
+            existing = list(model.active_adapters)
             model.add_adapter(ADAPTER, peft_config)
             model.set_adapter(ADAPTER)
         else:
             model = get_peft_model(model, peft_config)
-        self.positive, self.negative = self._resolve_sources(model, instructed, args)
+        self.positive, self.negative, self.stack = self._resolve_sources(model, items, args, existing)
+        model.set_adapter(ADAPTER)  # the trained adapter; every other one frozen
+        _freeze_dropout(model, [name for name in model.peft_config if name != ADAPTER])
+        self.switch = AdapterSwitch(model)
+        self.switch.set([*self.stack, ADAPTER])
         self.store = TargetStore(args.precomputed_targets) if args.precomputed_targets else None
-        if self.store is not None and self.store.layers != self.layers:
-            raise ValueError(f"precomputed targets are for layers {self.store.layers}, training uses {self.layers}.")
+        if self.store is not None:
+            self.store.check(self.layers, model)
         train_dataset, eval_dataset = prepare_train_eval(
             train_dataset, eval_dataset, build_rahf_examples, RAHF_COLUMNS, tokenizer, args
         )
@@ -295,41 +434,55 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             raise ValueError("DeepSpeed ZeRO-3 supports the instructed model(s) only as PEFT adapters (adapter "
                              "folders or adapter names of the model) or through args.precomputed_targets; a "
                              "separate instructed model cannot run with partitioned weights.")
-        for source in (self.positive, self.negative):
-            if source is not None and source.model is not None:
-                source.model.to(self.args.device).eval().requires_grad_(False)
+        for module in separate:
+            module.to(self.args.device).eval().requires_grad_(False)
 
     @staticmethod
-    def _resolve_sources(model: nn.Module, instructed: Any, args: RAHFConfig) -> tuple[_Source | None, ...]:
+    def _instructed_items(instructed: Any, args: RAHFConfig) -> list | None:
         if instructed is None:
             if not args.precomputed_targets:
                 raise ValueError("RAHF needs `instructed` model(s) or `args.precomputed_targets`.")
-            return None, None
+            return None
         items = list(instructed) if isinstance(instructed, (list, tuple)) else [instructed]
         expected = 1 if args.method == "scit" else 2
         if len(items) != expected:
             raise ValueError(f"method={args.method!r} needs {expected} instructed model(s) "
                              f"({'the SCIT model' if expected == 1 else '(good, bad)'}), got {len(items)}.")
-        roles = ["scit"] if expected == 1 else ["good", "bad"]
-        sources = []
-        for role, item in zip(roles, items):
-            if isinstance(item, nn.Module):
+        return items
+
+    @staticmethod
+    def _resolve_sources(model: nn.Module, items: list | None, args: RAHFConfig, existing: list[str]):
+        """(p+ source, p- source, adapters kept active under the trained LoRA)."""
+        on_step1 = args.lora_on == "instructed"
+        if items is None:
+            return None, None, existing if on_step1 else []
+        roles = ["scit"] if len(items) == 1 else ["good", "bad"]
+        sources, stack = [], []
+        for i, (role, item) in enumerate(zip(roles, items)):
+            if item is _SELF:
+                source = _Source(adapters=[])
+            elif isinstance(item, nn.Module):
                 _check_compatible(model, item, f"the instructed {role} model")
-                sources.append(_Source(model=item))
+                source = _Source(model=item)
             elif isinstance(item, str) and item in model.peft_config:
-                sources.append(_Source(adapter=item))
+                source = _Source(adapters=[item])
             elif (Path(item) / "adapter_config.json").is_file():
                 _load_adapter(model, Path(item), f"rahf_{role}")
-                sources.append(_Source(adapter=f"rahf_{role}"))
+                source = _Source(adapters=[f"rahf_{role}"])
             elif (Path(item) / "config.json").is_file():
                 other = AutoModelForCausalLM.from_pretrained(str(item))
                 _check_compatible(model, other, f"the instructed {role} model {item}")
-                sources.append(_Source(model=other))
+                source = _Source(model=other)
             else:
                 raise ValueError(f"instructed {role} model {item!r} is neither an adapter folder, a model folder, "
                                  f"an adapter name of the model ({sorted(model.peft_config)}) nor a model.")
-        model.set_adapter(ADAPTER)
-        return sources[0], sources[-1]
+            if i == 0 and on_step1:
+                if source.model is not None:
+                    raise ValueError("lora_on='instructed' needs the step-1 model as an adapter or as the model "
+                                     "trained; a separate module cannot carry the LoRA.")
+                stack = source.adapters
+            sources.append(source)
+        return sources[0], sources[-1], stack
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -338,29 +491,51 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
     def _count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["response_mask"].sum() * len(self.layers)  # one loss term per valid (layer, position)
 
-    def _difference(self, inputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def _patterns(self, source: _Source, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if source.model is not None:
+            return activity_patterns(source.model, ids, mask, self.layers)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        with self.switch.only(peft_model, source.adapters):
+            return activity_patterns(peft_model, ids, mask, self.layers)
+
+    def _difference(self, inputs: dict[str, torch.Tensor], like: torch.Tensor,
+                    base: torch.Tensor | None = None) -> torch.Tensor:
         mask = inputs["response_mask"]
         if self.store is not None:
             return self.store.batch(inputs["example_index"], mask, like.shape[-1], like.dtype)
-        peft_model = self.accelerator.unwrap_model(self.model)
         if self.positive is self.negative:  # one instructed model (SCIT): p+ and p- stimuli in one forward
             ids = torch.cat([inputs["positive_input_ids"], inputs["negative_input_ids"]])
             attention = torch.cat([inputs["positive_attention_mask"], inputs["negative_attention_mask"]])
-            positive, negative = self.positive.patterns(peft_model, ids, attention, self.layers).chunk(2, dim=1)
+            positive, negative = self._patterns(self.positive, ids, attention).chunk(2, dim=1)
         else:
-            positive = self.positive.patterns(peft_model, inputs["positive_input_ids"],
-                                              inputs["positive_attention_mask"], self.layers)
-            negative = self.negative.patterns(peft_model, inputs["negative_input_ids"],
-                                              inputs["negative_attention_mask"], self.layers)
+            same_as_base = (base is not None and self.positive.adapters == self.stack
+                            and torch.equal(inputs["positive_input_ids"], inputs["input_ids"])
+                            and torch.equal(inputs["positive_attention_mask"], inputs["attention_mask"]))
+            # Authors' Dual: the good model is A_base's model and sees the target stimulus, so its pass is A_base.
+            positive = base if same_as_base else self._patterns(
+                self.positive, inputs["positive_input_ids"], inputs["positive_attention_mask"])
+            negative = self._patterns(self.negative, inputs["negative_input_ids"], inputs["negative_attention_mask"])
         return difference_vectors(positive, negative, mask, mask)[0]
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def representations(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """``(A_lora, A_base, v)`` of a collated batch, each (n_layers, B, T, H), under the Trainer's autocast.
+
+        ``A_base`` and ``v`` are computed under ``no_grad`` (the trained LoRA off); ``A_lora`` goes through
+        ``model`` (the DDP wrapper in training) and carries gradients.
+        """
         peft_model = self.accelerator.unwrap_model(model)
-        with torch.no_grad():
-            with active_adapter(peft_model, None):
-                base = activity_patterns(peft_model, inputs["input_ids"], inputs["attention_mask"], self.layers)
-            difference = self._difference(inputs, base)
-        lora = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], rahf_layers=self.layers)
+        self.switch.set(self.switch.resting)  # in case PEFT's set_adapter ran since (it resets the layers)
+        with self.accelerator.autocast():
+            with torch.no_grad():
+                with self.switch.only(peft_model, self.stack):
+                    base = activity_patterns(peft_model, inputs["input_ids"], inputs["attention_mask"], self.layers)
+                difference = self._difference(inputs, base, base)
+            lora = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         rahf_layers=self.layers)
+        return lora, base, difference
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        lora, base, difference = self.representations(model, inputs)
         mask = inputs["response_mask"]
         loss = rahf_loss(lora, base, difference, mask, self.args.alpha, self.args.loss_type,
                          self._items_divisor(num_items_in_batch))
@@ -390,12 +565,14 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         def items():
             for batch in loader:
                 batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                difference = self._difference(batch, batch["input_ids"])
+                with self.accelerator.autocast():
+                    difference = self._difference(batch, batch["input_ids"])
                 for row, index in enumerate(batch["example_index"].tolist()):
                     positions = batch["response_mask"][row].nonzero().squeeze(-1)
                     yield index, difference[:, row, positions]
 
-        return write_targets(directory, items(), self.layers, shard_size)
+        return write_targets(directory, items(), self.layers, shard_size,
+                             base_signature(self.accelerator.unwrap_model(self.model)))
 
     # ---- saving: a standard PEFT adapter (only the trained one) plus our model card ----
 
@@ -408,7 +585,9 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
     def _write(self, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
         peft_model = self.accelerator.unwrap_model(self.model)
+        require_finite_weights(peft_model, "RAHF adapter")
         peft_model.save_pretrained(output_dir, selected_adapters=[ADAPTER])
+        write_signature(output_dir, peft_model)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

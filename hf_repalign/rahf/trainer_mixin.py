@@ -1,5 +1,6 @@
-"""What ``SCITTrainer`` and ``RAHFTrainer`` share: metrics logged with one device sync, and gradient accumulation
-that weighs every loss item (an example, a valid layer-position) equally, however the micro-batches split them.
+"""What ``SCITTrainer`` and ``RAHFTrainer`` share: metrics logged with one device sync, gradient accumulation
+that weighs every loss item (an example, a valid layer-position) equally, however the micro-batches split them, and
+a run that stops at the first non-finite loss (``FiniteLossMixin``, also used by Dual's SFT trainer).
 
 Under gradient accumulation the Trainer counts the items of all micro-batches of one optimizer step (and, with
 ``average_tokens_across_devices``, of all processes) and passes that count to ``compute_loss`` as
@@ -19,7 +20,28 @@ from collections import defaultdict
 import torch
 
 
-class RAHFTrainerMixin:
+class FiniteLossMixin:
+    """Mix into a ``Trainer`` subclass: a NaN or infinite training loss stops the run with an error naming the step.
+
+    transformers' ``logging_nan_inf_filter`` would log such a step as the running mean and train on; the error is
+    raised before the optimizer step, so the weights (and any later checkpoint) stay those of the last finite step.
+    One device sync per micro-batch; under DDP the flag is reduced so every process stops together.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.args.world_size > 1:
+            finite = self.accelerator.reduce(finite, reduction="min")
+        if not bool(finite):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss is {loss.item()} at step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch or 0:.2f}); stopping before the weights take a non-finite update. "
+                "Lower learning_rate (or alpha), or train without bf16/fp16 to find the overflow.")
+        return loss
+
+
+class RAHFTrainerMixin(FiniteLossMixin):
     """Mix into a ``Trainer`` subclass (before ``Trainer``); call ``_setup_mixin()`` after ``Trainer.__init__``."""
 
     def _setup_mixin(self) -> None:

@@ -1,0 +1,103 @@
+"""Checks that keep RAHF's training from failing silently: hyper-parameters, losses and weights must be finite,
+and what was made for one base model (instructed adapters, precomputed targets) must be used with that base.
+
+A NaN ``alpha`` or ``sft_weight`` would otherwise train a NaN adapter while transformers' NaN filter logs a loss
+of 0.0; an adapter made for a 4-layer model would load onto the first 4 layers of an 8-layer one without a word.
+
+Example:
+    >>> from hf_repalign.rahf.validation import require_number
+    >>> require_number("alpha", float("nan"), low=0.0)
+    Traceback (most recent call last):
+    ValueError: alpha must be a finite number, got nan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..hidden import num_hidden_layers
+
+logger = logging.get_logger(__name__)
+
+SIGNATURE_FILE = "hf_repalign_base.json"  # written beside adapters and precomputed targets
+
+
+def require_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                   integer: bool = False) -> None:
+    """A finite number (an int when ``integer``) within ``[low, high]``, else a ``ValueError`` naming ``name``."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}.")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}.")
+
+
+def require_finite_weights(weights: nn.Module | Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse to save ``weights`` (a model's trainable parameters, or a state dict) when any is NaN or infinite."""
+    named = (weights.items() if isinstance(weights, Mapping)
+             else ((n, p) for n, p in weights.named_parameters() if p.requires_grad))
+    bad = [name for name, p in named if p.numel() and not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise FloatingPointError(f"{what}: {len(bad)} parameter(s) are NaN or infinite (first: {bad[0]}); not "
+                                 "saving them. The training diverged: lower learning_rate or alpha, or check bf16.")
+
+
+def base_signature(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base a vector or an adapter was made with: its id and the shapes that must match."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    return {"base_model": getattr(base.config, "name_or_path", "") or "",
+            "num_hidden_layers": num_hidden_layers(base), "hidden_size": getattr(text, "hidden_size", None),
+            "vocab_size": getattr(text, "vocab_size", None)}
+
+
+def write_signature(folder: str | Path, model: nn.Module) -> None:
+    (Path(folder) / SIGNATURE_FILE).write_text(json.dumps(base_signature(model), indent=1) + "\n")
+
+
+def check_signature(recorded: dict[str, Any] | None, model: nn.Module, what: str) -> None:
+    """Refuse ``what`` when its recorded base differs in depth, width or vocabulary; warn when only the id differs
+    (the same weights are often saved under different paths)."""
+    if not recorded:
+        return
+    mine = base_signature(model)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if recorded.get(key) is not None and mine[key] is not None and recorded[key] != mine[key]:
+            raise ValueError(f"{what} was made for a base with {key}={recorded[key]} "
+                             f"({recorded.get('base_model') or 'unnamed'}); this base has {key}={mine[key]} "
+                             f"({mine['base_model'] or 'unnamed'}). Use it with the model it was made for.")
+    theirs, ours = recorded.get("base_model") or "", mine["base_model"]
+    if theirs and ours and Path(theirs).name != Path(ours).name:
+        logger.warning(f"{what} was made for {theirs!r}; the base model is {ours!r} (same shapes, so it loads).")
+
+
+def check_adapter_folder(path: Path, model: nn.Module) -> None:
+    """An adapter folder against the base it is loaded onto: the recorded signature when there is one, else its
+    layer indices (an adapter on all layers of a 4-layer model has no weights for layers 4..7 of an 8-layer one)."""
+    signature = path / SIGNATURE_FILE
+    if signature.is_file():
+        check_signature(json.loads(signature.read_text()), model, f"adapter {path}")
+        return
+    config = json.loads((path / "adapter_config.json").read_text())
+    weights = path / "adapter_model.safetensors"
+    if config.get("layers_to_transform") is not None or not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        layers = {int(m.group(1)) for key in handle.keys() if (m := re.search(r"\.layers\.(\d+)\.", key))}
+    total = num_hidden_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if layers and max(layers) + 1 != total:
+        raise ValueError(f"adapter {path} covers layers 0..{max(layers)} of every block (no layers_to_transform), "
+                         f"i.e. a {max(layers) + 1}-layer base; this base has {total} layers.")
