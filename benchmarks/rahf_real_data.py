@@ -1,20 +1,27 @@
-"""Real-data check of RAHF (issue section 6): HH-RLHF helpful-base with the embedded SmolLM2-135M-Instruct.
+"""Real-data check of RAHF: HH-RLHF helpful-base with the embedded SmolLM2-135M-Instruct, both arrangements.
 
 Deterministic 80/20 split (seeded permutation) of ``helpful-base/test.jsonl.gz`` (the only helpful-base split in
-``../shared/data``). Runs SCIT -> RAHF and Dual -> RAHF on the train part and reports, on the held-out part,
-before and after:
+the data folder). Trains SCIT and Dual (step 1, LoRA adapters) on the train part, then RAHF four times: after SCIT
+and after Dual, each with the LoRA on the base (``lora_on="base"``) and on the step-1 model (``"instructed"``, the
+authors' arrangement). Reports, on the held-out part:
 
-* preference accuracy: share of pairs whose chosen response has the higher length-normalised log-likelihood
-  than the rejected one, given the prompt without instruction;
-* TruthfulQA MC1: share of questions whose best (summed log-likelihood) answer is the true one.
+* preference accuracy of base / step-1 / RAHF models: share of pairs whose chosen response has the higher
+  length-normalised log-likelihood than the rejected one, given the prompt without instruction;
+* TruthfulQA MC1: share of questions whose best (summed log-likelihood) answer is the true one;
+* for every RAHF run, on a fixed held-out set of stimuli before and after training, per target layer: the RAHF
+  loss (mean per-token ``||A_lora - (A_base + alpha v)||``), the relative distance
+  ``||A_lora - (A_base + alpha v)|| / ||alpha v||`` (1 before training: a fresh LoRA leaves A_lora = A_base) and the
+  cosine between the LoRA's shift ``A_lora - A_base`` and ``alpha v``.
 
-To fit the CPU budget, only pairs whose prompt and responses are short are used (``--max_prompt_tokens``,
-``--max_response_tokens``), and the step counts are small; the flags say how many.
+95% confidence intervals: Wilson for each accuracy; for the change against the base model, the normal interval of
+the paired per-item differences (the same pairs / questions for every model).
 
-    nice -n 10 .venv/bin/python benchmarks/rahf_real_data.py --out docs/img/rahf_real_data
+RAHF runs use the authors' preset (``preset="authors"``: LoRA on q_proj/v_proj, their layer band, stimuli and
+response choice, constant schedule) except the learning rate and the step count, which the CPU budget sets.
+``--bf16`` trains with bfloat16 autocast (the Trainer's ``bf16=True``) and evaluates under the same autocast.
 
-``--bf16`` trains with bfloat16 autocast (the Trainer's ``bf16=True``) and evaluates under the same autocast:
-about 3x faster on a CPU with AVX512-BF16, which buys a larger budget in the same hour.
+    HF_REPALIGN_DATA=/path/to/data nice -n 5 .venv/bin/python benchmarks/rahf_real_data.py --bf16 --threads 1 \\
+        --work outputs/rahf_real_data --out docs/img/rahf_real_data
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -34,12 +42,24 @@ from peft import LoraConfig, PeftModel
 from hf_repalign.data_files import read_jsonl, read_truthfulqa_mc, shared_data_dir
 from hf_repalign.formats import PreferenceFormatError, encode_pair, to_triplet
 from hf_repalign.models import load_model_and_tokenizer
-from hf_repalign.rahf import DualConfig, RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, train_dual
+from hf_repalign.rahf import (
+    DualConfig,
+    RAHFConfig,
+    RAHFTrainer,
+    SCITConfig,
+    SCITTrainer,
+    stack_adapters,
+    train_dual,
+)
 from hf_repalign.rahf.instructions import instructed_template
 from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import save_figure, write_json  # noqa: E402
+
+RAHF_RUNS = [f"rahf_{m}_{a}" for m in ("scit", "dual") for a in ("base", "instructed")]
+STAGES = ("base", "scit", "dual", *RAHF_RUNS, "report")
+
 
 def load_pairs(args, tokenizer):
     rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
@@ -47,7 +67,6 @@ def load_pairs(args, tokenizer):
     random.Random(args.seed).shuffle(order)
     cut = int(0.8 * len(rows))
     template = instructed_template(tokenizer)
-
     skipped = []
 
     def short(index):
@@ -63,10 +82,11 @@ def load_pairs(args, tokenizer):
         return True
 
     train = list(itertools.islice((rows[i] for i in order[:cut] if short(i)), args.train_rows))
-    held = list(itertools.islice((rows[i] for i in order[cut:] if short(i)), args.eval_pairs))
+    held = list(itertools.islice((rows[i] for i in order[cut:] if short(i)), args.eval_pairs + args.probe_pairs))
     if skipped:
         print(f"skipped {len(skipped)} malformed HH rows while selecting: {skipped}", flush=True)
-    return train, held, len(rows), cut
+    # The probe set (representation distances) and the accuracy set are disjoint held-out pairs.
+    return train, held[: args.eval_pairs], held[args.eval_pairs:], len(rows), cut
 
 
 @torch.no_grad()
@@ -82,33 +102,74 @@ def loglik(model, tokenizer, items, normalize, batch_size=8):
     return out
 
 
-def preference_accuracy(model, tokenizer, held):
+def preference_correct(model, tokenizer, held):
     triplets = [to_triplet(row, i) for i, row in enumerate(held)]
     chosen = loglik(model, tokenizer, [(t.prompt, t.chosen) for t in triplets], True)
     rejected = loglik(model, tokenizer, [(t.prompt, t.rejected) for t in triplets], True)
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(triplets)
+    return [int(c > r) for c, r in zip(chosen, rejected)]
 
 
-def truthfulqa_mc1(model, tokenizer, questions):
-    correct = 0
+def mc1_correct(model, tokenizer, questions):
+    out = []
     for q in questions:
         answers = list(q["mc1_targets"])
         scores = loglik(model, tokenizer, [(q["question"], a) for a in answers], False)
-        correct += q["mc1_targets"][answers[max(range(len(answers)), key=scores.__getitem__)]] == 1
-    return correct / len(questions)
+        out.append(int(q["mc1_targets"][answers[max(range(len(answers)), key=scores.__getitem__)]] == 1))
+    return out
 
 
-STAGES = ("base", "scit", "dual", "rahf_scit", "rahf_dual", "report")
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return [centre - half, centre + half]
+
+
+def paired_interval(items: list[int], base: list[int], z: float = 1.96) -> list[float]:
+    """Normal 95% interval of the mean paired difference (items - base) over the same pairs / questions."""
+    d = [a - b for a, b in zip(items, base)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
+    return [mean - z * sd / math.sqrt(len(d)), mean + z * sd / math.sqrt(len(d))]
 
 
 def evaluate(name, model, tokenizer, held, questions, work, bf16=False):
     model.eval()
     start = time.time()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        result = {"preference_accuracy": preference_accuracy(model, tokenizer, held),
-                  "truthfulqa_mc1": truthfulqa_mc1(model, tokenizer, questions), "seconds": time.time() - start}
+        result = {"preference": preference_correct(model, tokenizer, held),
+                  "mc1": mc1_correct(model, tokenizer, questions)}
+    result["seconds"] = time.time() - start
     write_json(work / f"result_{name}.json", result)
-    print(f"[{name}] {result}", flush=True)
+    print(f"[{name}] preference {sum(result['preference'])}/{len(held)}, MC1 {sum(result['mc1'])}/"
+          f"{len(questions)}, {result['seconds']:.0f} s", flush=True)
+
+
+@torch.no_grad()
+def probe(trainer: RAHFTrainer, batch_size: int = 4) -> dict:
+    """Per target layer on the trainer's eval set: RAHF loss, ||A_lora - target|| / ||alpha v||, cos(shift, alpha v)."""
+    model = trainer.model.eval()
+    n = len(trainer.layers)
+    error_sq, target_sq, token_norms, dots, shift_sq, tokens = ([0.0] * n for _ in range(6))
+    loader = torch.utils.data.DataLoader(trainer.eval_dataset, batch_size=batch_size,
+                                         collate_fn=trainer.data_collator, shuffle=False)
+    for batch in loader:
+        lora, base, v = (t.float() for t in trainer.representations(model, batch))
+        valid = batch["response_mask"].bool()
+        goal = trainer.args.alpha * v
+        error, shift = (lora - base - goal)[:, valid], (lora - base)[:, valid]
+        goal = goal[:, valid]
+        for i in range(n):
+            error_sq[i] += error[i].pow(2).sum().item()
+            target_sq[i] += goal[i].pow(2).sum().item()
+            token_norms[i] += error[i].norm(dim=-1).sum().item()
+            dots[i] += (shift[i] * goal[i]).sum().item()
+            shift_sq[i] += shift[i].pow(2).sum().item()
+            tokens[i] += error.shape[1]
+    model.train()
+    return {str(layer): {"rahf_loss": token_norms[i] / tokens[i],
+                         "relative_distance": math.sqrt(error_sq[i] / target_sq[i]),
+                         "cosine_shift_target": dots[i] / math.sqrt(shift_sq[i] * target_sq[i])
+                         if shift_sq[i] > 0 else 0.0}
+            for i, layer in enumerate(trainer.layers)}
 
 
 def save_curve(work, name, log_history, seconds):
@@ -122,24 +183,49 @@ def common(args, out, **kw):
                 **kw)
 
 
+def report(work: Path, out: Path, args, rows) -> dict:
+    results = {f.stem[len("result_"):]: json.loads(f.read_text()) for f in sorted(work.glob("result_*.json"))}
+    base = results.get("base")
+    table = {}
+    for name, result in results.items():
+        entry = {}
+        for metric in ("preference", "mc1"):
+            items = result[metric]
+            entry[metric] = {"accuracy": sum(items) / len(items), "correct": sum(items), "n": len(items),
+                             "ci95": wilson(sum(items), len(items))}
+            if base is not None and name != "base":
+                entry[metric]["change_vs_base"] = (sum(items) - sum(base[metric])) / len(items)
+                entry[metric]["change_ci95"] = paired_interval(items, base[metric])
+        entry["seconds"] = result["seconds"]
+        table[name] = entry
+    probes = {f.stem[len("probe_"):]: json.loads(f.read_text()) for f in sorted(work.glob("probe_*.json"))}
+    curves = {f.stem[len("curve_"):]: json.loads(f.read_text()) for f in sorted(work.glob("curve_*.json"))}
+    summary = {"args": vars(args), "rows": rows, "results": table, "probes": probes, "curves": curves}
+    write_json(out.with_suffix(".json"), summary)
+    if curves:
+        plot({n: c["loss"] for n, c in curves.items()}, out.with_suffix(".png"))
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/img/rahf_real_data")
     parser.add_argument("--work", default="outputs/rahf_real_data")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="run these stages; each saves its result in --work, so stages can run in parallel "
+                        help="run these stages; each saves its result in --work, so stages can run in separate "
                              "processes and 'report' gathers them")
-    parser.add_argument("--train_rows", type=int, default=60)
-    parser.add_argument("--eval_pairs", type=int, default=60)
-    parser.add_argument("--mc1_questions", type=int, default=50)
-    parser.add_argument("--step1_steps", type=int, default=12)
-    parser.add_argument("--rahf_steps", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--train_rows", type=int, default=120)
+    parser.add_argument("--eval_pairs", type=int, default=120)
+    parser.add_argument("--probe_pairs", type=int, default=16, help="held-out pairs for the representation probe")
+    parser.add_argument("--mc1_questions", type=int, default=60)
+    parser.add_argument("--step1_steps", type=int, default=25)
+    parser.add_argument("--rahf_steps", type=int, default=25)
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=5.0)
     parser.add_argument("--max_prompt_tokens", type=int, default=128)
     parser.add_argument("--max_response_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training and evaluation")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -150,13 +236,14 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer()
-    train, held, total, cut = load_pairs(args, tokenizer)
+    train, held, probe_rows, total, cut = load_pairs(args, tokenizer)
     questions = read_truthfulqa_mc(shared_data_dir() / "truthfulqa/mc_task.json")[: args.mc1_questions]
     rows = {"total": total, "train_part": cut, "train_used": len(train), "heldout_used": len(held),
-            "mc1_questions": len(questions)}
+            "probe_pairs": len(probe_rows), "mc1_questions": len(questions)}
     print(f"HH helpful-base: {rows}", flush=True)
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     fresh = lambda: load_model_and_tokenizer()[0].train()  # noqa: E731
+    step1 = {"scit": [work / "scit_adapter"], "dual": [work / "dual" / "good", work / "dual" / "bad"]}
 
     if "base" in args.stages:
         evaluate("base", base, tokenizer, held, questions, work, args.bf16)
@@ -166,8 +253,10 @@ def main():
                                                         learning_rate=args.lr)),
                            train_dataset=train, processing_class=tokenizer, peft_config=LoraConfig(**lora))
         scit.train()
-        scit.model.save_pretrained(str(work / "scit_adapter"))
+        scit.save_model(str(step1["scit"][0]))
         save_curve(work, "SCIT (Eq. 1)", scit.state.log_history, time.time() - start)
+        evaluate("scit_step1", PeftModel.from_pretrained(fresh(), str(step1["scit"][0])), tokenizer, held,
+                 questions, work, args.bf16)
     if "dual" in args.stages:
         start = time.time()
         folders = train_dual(fresh(), tokenizer, train, DualConfig(**common(
@@ -176,30 +265,32 @@ def main():
         for side in ("good", "bad"):
             state = json.loads((folders[side] / "trainer_state.json").read_text())
             save_curve(work, f"Dual {side} (SFT)", state["log_history"], time.time() - start)
-    for method in ("scit", "dual"):
-        if f"rahf_{method}" not in args.stages:
+        evaluate("dual_good_step1", PeftModel.from_pretrained(fresh(), str(folders["good"])), tokenizer, held,
+                 questions, work, args.bf16)
+    for run in RAHF_RUNS:
+        if run not in args.stages:
             continue
-        instructed = str(work / "scit_adapter") if method == "scit" else (str(work / "dual" / "good"),
-                                                                          str(work / "dual" / "bad"))
+        _, method, arrangement = run.split("_")
+        instructed = [str(p) for p in step1[method]]
         start = time.time()
-        trainer = RAHFTrainer(fresh(), RAHFConfig(**common(
-            args, work / f"rahf_{method}", max_steps=args.rahf_steps, learning_rate=args.lr), method=method,
-            alpha=args.alpha, dataset_name="Anthropic HH-RLHF helpful-base (80% split)"),
-            train_dataset=train, processing_class=tokenizer, instructed=instructed)
+        config = RAHFConfig(**common(args, work / run, max_steps=args.rahf_steps, learning_rate=args.lr),
+                            method=method, preset="authors", lora_on=arrangement, alpha=args.alpha,
+                            dataset_name="Anthropic HH-RLHF helpful-base (80% split)")
+        trainer = RAHFTrainer(fresh(), config, train_dataset=train, eval_dataset=probe_rows,
+                              processing_class=tokenizer, instructed=instructed[0] if method == "scit" else instructed)
+        before = probe(trainer)
         trainer.train()
-        save_curve(work, f"RAHF after {method.upper()}", trainer.state.log_history, time.time() - start)
-        trainer.save_pretrained(work / f"rahf_{method}_adapter")
-        tuned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(work / f"rahf_{method}_adapter"))
-        evaluate(f"{method.upper()} -> RAHF", tuned, tokenizer, held, questions, work, args.bf16)
+        after = probe(trainer)
+        write_json(work / f"probe_{run}.json", {"layers": trainer.layers, "before": before, "after": after,
+                                                "probe_examples": len(trainer.eval_dataset)})
+        save_curve(work, f"RAHF {method.upper()} on {arrangement}", trainer.state.log_history, time.time() - start)
+        folder = trainer.save_pretrained(work / f"{run}_adapter")
+        folders = ([instructed[0]] if arrangement == "instructed" else []) + [str(folder)]
+        evaluate(run, stack_adapters(fresh(), folders), tokenizer, held, questions, work, args.bf16)
     if "report" in args.stages:
-        results = {f.stem[len("result_"):]: json.loads(f.read_text()) for f in sorted(work.glob("result_*.json"))}
-        order = ["SCIT (Eq. 1)", "Dual good (SFT)", "Dual bad (SFT)", "RAHF after SCIT", "RAHF after DUAL"]
-        curves = {n: json.loads((work / f"curve_{n}.json").read_text()) for n in order
-                  if (work / f"curve_{n}.json").is_file()}
-        summary = {"args": vars(args), "rows": rows, "results": results, "curves": curves}
-        write_json(out.with_suffix(".json"), summary)
-        plot({n: c["loss"] for n, c in curves.items()}, out.with_suffix(".png"))
-        print(json.dumps(results, indent=1))
+        summary = report(work, out, args, rows)
+        print(json.dumps({k: {m: v[m]["accuracy"] for m in ("preference", "mc1")}
+                          for k, v in summary["results"].items()}, indent=1))
 
 
 def plot(curves, path):
@@ -208,12 +299,12 @@ def plot(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
-    for ax, (name, values) in zip(axes, curves.items()):
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
         ax.plot(range(1, len(values) + 1), values)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
-    axes[0].set_ylabel("training loss")
+    axes[0][0].set_ylabel("training loss")
     fig.suptitle("RAHF on HH-RLHF helpful-base, SmolLM2-135M-Instruct (CPU)", fontsize=11)
     fig.tight_layout()
     save_figure(fig, path)

@@ -3,7 +3,8 @@
     python examples/rahf_hh_pipeline.py --rows 16 --steps 8 --out outputs/rahf_example
 
 Uses the first ``--rows`` pairs of HH-RLHF helpful-base from ``../shared/data`` (or a few built-in pairs when
-the folder is absent). The saved adapter is a standard PEFT folder: nothing from hf_repalign is needed to use it.
+the folder is absent). The saved adapters are standard PEFT folders; the final model is the base with the SCIT adapter and the RAHF
+adapter stacked (``stack_adapters``, a few lines of plain PEFT).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 
 from hf_repalign.data_files import read_jsonl, shared_data_dir
 from hf_repalign.models import load_model_and_tokenizer
-from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer
+from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, stack_adapters
 
 HH = shared_data_dir() / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 FALLBACK = [
@@ -51,7 +52,8 @@ def main(argv=None) -> str:
     scit.train()
     scit.model.save_pretrained(str(out / "scit"))
 
-    # Step 2: a fresh LoRA on the base model moves the target layers along A(p+) - A(p-) of the SCIT adapter.
+    # Step 2: a fresh LoRA on the SCIT model (the adapter stays active under it, as in the authors' scripts) moves
+    # the target layers along A(p+) - A(p-) of the SCIT model.
     base, _ = load_model_and_tokenizer()
     rahf = RAHFTrainer(base.train(), RAHFConfig(output_dir=str(out / "rahf"), alpha=5.0, max_prompt_length=256,
                                                 dataset_name="Anthropic/hh-rlhf helpful-base", **common),
@@ -60,8 +62,8 @@ def main(argv=None) -> str:
     folder = rahf.save_pretrained(out / "rahf_adapter")
     print(f"RAHF adapter (standard PEFT) in {folder}; layers {rahf.layers}")
 
-    # Use it with plain transformers + peft.
-    aligned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(folder)).eval()
+    # Use it with plain transformers + peft: the base with the SCIT adapter and the RAHF adapter stacked.
+    aligned = stack_adapters(load_model_and_tokenizer()[0], [out / "scit", folder])
     messages = [{"role": "user", "content": "How can I get better sleep?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)

@@ -338,3 +338,21 @@ def test_precomputed_targets_for_another_base_are_refused(tmp_path, tokenizer, s
         _trainer(tmp_path, tokenizer, None, model=wide, precomputed_targets=str(directory))
     ok = _trainer(tmp_path, tokenizer, None, precomputed_targets=str(directory), lora_on="base")
     assert math.isfinite(ok.compute_loss(ok.model.eval(), _batch(ok)).item())
+
+
+def test_stacked_reload_of_the_authors_arrangement_matches_the_trained_model(tmp_path, tokenizer, scit_adapter):
+    from hf_repalign.rahf import stack_adapters
+
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, max_steps=2, learning_rate=1e-2)
+    trainer.train()
+    out = trainer.save_pretrained(tmp_path / "rahf")
+    signature = json.loads((out / "hf_repalign_base.json").read_text())
+    assert signature["lora_on"] == "instructed" and signature["stacked_on"] == [scit_adapter]
+    reloaded = stack_adapters(tiny_model("llama", vocab_size=len(tokenizer)), [scit_adapter, out])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        torch.testing.assert_close(reloaded.merge_and_unload()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+        alone = PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), str(out)).eval()
+        assert not torch.allclose(alone(input_ids=ids).logits, expected)  # the RAHF LoRA alone is not the model

@@ -22,6 +22,7 @@ _EXPORTS = {
     "SCITConfig": "scit",
     "SCITTrainer": "scit",
     "scit_loss": "scit",
+    "stack_adapters": "stack",
     "RAHFConfig": "trainer",
     "RAHFTrainer": "trainer",
     "rahf_loss": "trainer",

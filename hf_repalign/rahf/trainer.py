@@ -289,8 +289,8 @@ class _Source:
     """Where activity patterns come from: adapters of the trained PEFT model (``[]``: the bare base), or a separate
     model."""
 
-    def __init__(self, adapters: list[str] | None = None, model: nn.Module | None = None):
-        self.adapters, self.model = adapters, model
+    def __init__(self, adapters: list[str] | None = None, model: nn.Module | None = None, path: str | None = None):
+        self.adapters, self.model, self.path = adapters, model, path  # path: the adapter folder it came from
 
 
 _SELF = object()  # marks the step-1 model that became the trained model itself (lora_on="instructed")
@@ -468,7 +468,7 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
                 source = _Source(adapters=[item])
             elif (Path(item) / "adapter_config.json").is_file():
                 _load_adapter(model, Path(item), f"rahf_{role}")
-                source = _Source(adapters=[f"rahf_{role}"])
+                source = _Source(adapters=[f"rahf_{role}"], path=str(item))
             elif (Path(item) / "config.json").is_file():
                 other = AutoModelForCausalLM.from_pretrained(str(item))
                 _check_compatible(model, other, f"the instructed {role} model {item}")
@@ -587,7 +587,9 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         peft_model = self.accelerator.unwrap_model(self.model)
         require_finite_weights(peft_model, "RAHF adapter")
         peft_model.save_pretrained(output_dir, selected_adapters=[ADAPTER])
-        write_signature(output_dir, peft_model)
+        # With lora_on="instructed" on a step-1 adapter, the final model is base + that adapter + this one.
+        stacked_on = [self.positive.path or self.positive.adapters[0]] if self.stack and self.positive else self.stack
+        write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=stacked_on)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -62,8 +62,9 @@ def base_signature(model: nn.Module) -> dict[str, Any]:
             "vocab_size": getattr(text, "vocab_size", None)}
 
 
-def write_signature(folder: str | Path, model: nn.Module) -> None:
-    (Path(folder) / SIGNATURE_FILE).write_text(json.dumps(base_signature(model), indent=1) + "\n")
+def write_signature(folder: str | Path, model: nn.Module, **extra: Any) -> None:
+    """Record ``base_signature(model)`` (plus ``extra`` facts) in ``folder``."""
+    (Path(folder) / SIGNATURE_FILE).write_text(json.dumps({**base_signature(model), **extra}, indent=1) + "\n")
 
 
 def check_signature(recorded: dict[str, Any] | None, model: nn.Module, what: str) -> None:
