@@ -65,7 +65,7 @@ def train(adapter: str, model_folder: str, out: str, stage: int) -> None:
         tokenizer = tiny_tokenizer()
         try:
             args = RAHFConfig(output_dir=out, deepspeed=zero_config(3), use_cpu=False, report_to="none",
-                              target_layers=[1, 3])
+                              target_layers=[1, 3], lora_on="base")  # "instructed" would train on it instead
             RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,
                         processing_class=tokenizer, instructed=model_folder)
         except ValueError as err:

@@ -114,6 +114,14 @@ def test_full_step1_model_carries_the_lora_itself(tmp_path, tokenizer):
     neg = _states(reference, batch["negative_input_ids"], batch["negative_attention_mask"])
     lora = _states(trainer.model.eval(), batch["input_ids"], batch["attention_mask"])
     assert got == pytest.approx(_hand_l2(lora, base, pos, neg, batch["response_mask"], 2.0), rel=1e-4)
+    # the same from a model folder without a tokenizer (the given processing_class is used)
+    reference.save_pretrained(tmp_path / "scit_full")
+    folder = _trainer(tmp_path, tokenizer, str(tmp_path / "scit_full"), _lora(init_lora_weights=False), alpha=2.0)
+    assert folder.stack == [] and folder.positive.model is None
+    with torch.no_grad():
+        folder.model.load_state_dict({k: v for k, v in trainer.model.state_dict().items() if ".default." in k},
+                                     strict=False)
+    assert folder.compute_loss(folder.model.eval(), batch).item() == pytest.approx(got, rel=1e-5)
 
 
 def test_dual_lora_on_the_good_adapter(tmp_path, tokenizer, scit_adapter):

@@ -18,17 +18,18 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
-from ..models import load_model_and_tokenizer
+from ..models import load_model_and_tokenizer, resolve_model_path
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 from .trainer_mixin import RAHFTrainerMixin
 from .validation import require_finite_weights, require_number, write_signature
@@ -193,9 +194,10 @@ def seed_before_init(args: TrainingArguments) -> None:
 
 def load_causal_lm(model: Any, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """A model (or path / Hub id) and its tokenizer, with a pad token."""
-    if isinstance(model, str):
-        model, loaded_tokenizer = load_model_and_tokenizer(model)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if isinstance(model, (str, os.PathLike)) and tokenizer is not None:  # a model folder needs no tokenizer then
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(model)))
+    elif isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_model_and_tokenizer(str(model))
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
     if tokenizer.pad_token is None:
