@@ -288,9 +288,35 @@ def main():
         folders = ([instructed[0]] if arrangement == "instructed" else []) + [str(folder)]
         evaluate(run, stack_adapters(fresh(), folders), tokenizer, held, questions, work, args.bf16)
     if "report" in args.stages:
-        summary = report(work, out, args, rows)
-        print(json.dumps({k: {m: v[m]["accuracy"] for m in ("preference", "mc1")}
-                          for k, v in summary["results"].items()}, indent=1))
+        print(markdown(report(work, out, args, rows)))
+
+
+def markdown(summary: dict) -> str:
+    """The docs' tables: accuracies with Wilson intervals and paired changes; per-layer probes before/after."""
+    def cell(entry):
+        text = f"{entry['accuracy']:.3f} [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+        if "change_vs_base" in entry:
+            low, high = entry["change_ci95"]
+            text += f"; {entry['change_vs_base']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        return text
+
+    results = summary["results"]
+    lines = [f"| model | preference accuracy ({next(iter(results.values()))['preference']['n']} pairs) | "
+             f"TruthfulQA MC1 ({next(iter(results.values()))['mc1']['n']} questions) |", "|---|---|---|"]
+    order = ["base", "scit_step1", "rahf_scit_base", "rahf_scit_instructed", "dual_good_step1", "rahf_dual_base",
+             "rahf_dual_instructed"]
+    for name in [n for n in order if n in results]:
+        lines.append(f"| {name} | {cell(results[name]['preference'])} | {cell(results[name]['mc1'])} |")
+    for run, probe_result in summary["probes"].items():
+        lines += ["", f"{run} ({probe_result['probe_examples']} held-out stimuli):", "",
+                  "| layer | RAHF loss before -> after | relative distance before -> after | cos(shift, alpha v) after |",
+                  "|---|---|---|---|"]
+        for layer in map(str, probe_result["layers"]):
+            b, a = probe_result["before"][layer], probe_result["after"][layer]
+            lines.append(f"| {layer} | {b['rahf_loss']:.2f} -> {a['rahf_loss']:.2f} | "
+                         f"{b['relative_distance']:.3f} -> {a['relative_distance']:.3f} | "
+                         f"{a['cosine_shift_target']:.3f} |")
+    return "\n".join(lines)
 
 
 def plot(curves, path):
