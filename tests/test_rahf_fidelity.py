@@ -6,58 +6,19 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from hf_repalign.rahf.instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 from hf_repalign.rahf.scit import SCITConfig, SCITTrainer
-from hf_repalign.rahf.trainer import RAHFConfig, RAHFTrainer, stimulus_sides
+from hf_repalign.rahf.trainer import RAHFConfig, stimulus_sides
 from hf_repalign.testing import tiny_model
 
-ROWS = [
-    {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, obviously!!"},
-    {"prompt": "Name a colour.", "chosen": "Blue, like the sky.", "rejected": "No."},
-    {"prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "Go away."},
-    {"prompt": "Count to three.", "chosen": "1, 2, 3.", "rejected": "7"},
-]
-LAYERS = [1, 3]
-
-
-def _lora(**kw):
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], **kw)
-
-
-@pytest.fixture(scope="module")
-def scit_adapter(tmp_path_factory, tokenizer):
-    """A random (non-zero) LoRA standing in for a trained SCIT adapter."""
-    path = tmp_path_factory.mktemp("scit") / "adapter"
-    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), _lora(init_lora_weights=False)).save_pretrained(
-        str(path))
-    return str(path)
-
-
-def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
-                save_strategy="no", preferred_instruction="Be kind.", dispreferred_instruction="Be rude and wrong.",
-                seed=0, target_layers=LAYERS, max_response_tokens=6, lora_dropout=0.0)
-    base.update(kw)
-    return RAHFConfig(**base)
-
-
-def _trainer(tmp_path, tokenizer, instructed, peft_config=None, model=None, rows=ROWS, **kw):
-    model = model if model is not None else tiny_model("llama", vocab_size=len(tokenizer))
-    return RAHFTrainer(model, _args(tmp_path, **kw), train_dataset=rows, processing_class=tokenizer,
-                       instructed=instructed, peft_config=peft_config)
-
-
-def _batch(trainer, n=2):
-    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-
-
-def _states(model, ids, mask):
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-    return torch.stack([out.hidden_states[i] for i in LAYERS])
+from rahf_helpers import ROWS, scit_adapter  # noqa: F401
+from rahf_helpers import first_batch as _batch
+from rahf_helpers import lora as _lora
+from rahf_helpers import make_args as _args
+from rahf_helpers import make_trainer as _trainer
+from rahf_helpers import states as _states
 
 
 def _hand_l2(lora, base, pos, neg, mask, alpha):
