@@ -301,7 +301,10 @@ def test_paired_generate_needs_the_processor(llama, tokenizer):
 def test_principle_goes_into_the_system_message(tokenizer):
     assert with_principle([{"role": "user", "content": "q"}], "P")[0] == {"role": "system", "content": "P"}
     merged = with_principle([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}], "P")
-    assert merged[0]["content"] == "P\n\nS" and len(merged) == 2
+    assert merged[0]["content"] == "S\n\nP" and len(merged) == 2
+    replaced = with_principle([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}], "P",
+                              system_mode="replace")
+    assert replaced[0]["content"] == "P"
     plain, principle = build_principle_inputs(tokenizer, "q", personal_preference_principle("a retired teacher"))
     text = tokenizer.decode(principle["input_ids"][0])
     assert "a retired teacher, your answer needs to take his(her) needs into account" in text
@@ -336,7 +339,9 @@ def test_cli_generate_prints_three_answers_side_by_side(llama, tokenizer, tmp_pa
 
     llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    assert main(["generate", "How are you?", "--model", str(tmp_path), "--alpha", "2", "--max_new_tokens", "4"]) == 0
+    # A short principle: the byte-level tiny tokenizer makes the default HH principle longer than the 512 context.
+    assert main(["generate", "How are you?", "--model", str(tmp_path), "--alpha", "2", "--max_new_tokens", "4",
+                 "--principle", PRINCIPLE]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("plain"))
     assert "principle prompt" in header and "linear alignment (alpha=2)" in header
@@ -358,5 +363,6 @@ def test_cli_generate_loads_the_requested_dtype(llama, tokenizer, tmp_path, monk
         return model, tok
 
     monkeypatch.setattr(la_cli, "load_model_and_tokenizer", spy)
-    assert cli.main(["generate", "Hi", "--model", str(tmp_path), "--max_new_tokens", "2", "--dtype", "bfloat16"]) == 0
+    assert cli.main(["generate", "Hi", "--model", str(tmp_path), "--max_new_tokens", "2", "--dtype", "bfloat16",
+                     "--principle", PRINCIPLE]) == 0
     assert seen == [torch.bfloat16]

@@ -37,3 +37,21 @@ def cached_step(
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs)
     new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return out.logits[:, -1].float(), new_cache
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The model's context (``max_position_embeddings``, GPT-2's ``n_positions``), or None if it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model: torch.nn.Module, attention_mask: torch.Tensor, branch: str) -> None:
+    """Raise a clear error when a row of ``attention_mask`` holds more tokens than the model's context."""
+    limit = context_length(model)
+    longest = int(attention_mask.sum(dim=-1).max())
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"the {branch} branch reached {longest} tokens but the model's context is {limit} "
+            "(max_position_embeddings): use a shorter principle or prompt, or fewer max_new_tokens."
+        )

@@ -1,10 +1,10 @@
-"""``paired_generate``: a ``custom_generate`` decoding loop that runs the plain and the principle rows of each step
-as ONE forward of 2B rows sharing one KV cache.
+"""``paired_generate``: the recommended way to run Linear Alignment, as a ``custom_generate`` decoding loop.
 
-A bare ``LogitsProcessor`` cannot change generate's own forward, so its principle branch is a second forward per
-step. Passing this loop to ``generate`` fuses the two; every other part of generate (input preparation, logits
-processors and warpers, stopping criteria) works as usual and the tokens are the same. transformers (5.24) does
-not hand ``streamer`` to ``custom_generate`` callables; the loop streams when it is given one directly.
+Each step runs the plain and the principle rows as ONE forward of 2B rows sharing one KV cache, computes the
+aligned scores ``mup + alpha * (mup - mu0)`` from the raw logits of both branches, and then runs every processor and
+warper ``generate`` built (repetition penalty, sequence bias, length penalties, bans, temperature, top-k/top-p, the
+model's ``generation_config.json`` defaults, ...) on the aligned scores, exactly as on a plain model's logits.
+Stopping criteria, ``streamer``, ``output_scores``/``output_logits`` and the returned cache work as with ``_sample``.
 
 Example:
     >>> from hf_repalign import LinearAlignmentProcessor, paired_generate
@@ -14,18 +14,23 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .forward import cached_step
+from .forward import cached_step, check_context
 from .processor import LinearAlignmentProcessor
 
 # model_kwargs generate prepares that this loop replaces with its own (a fresh cache for the 2B rows).
 _REPLACED_KWARGS = {
     "attention_mask", "position_ids", "cache", "past_key_values", "cache_position", "use_cache", "logits_to_keep"
 }
+_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__
 
 
 def _find_processor(logits_processor: LogitsProcessorList) -> LinearAlignmentProcessor:
@@ -38,11 +43,36 @@ def _find_processor(logits_processor: LogitsProcessorList) -> LinearAlignmentPro
     return found[0]
 
 
+def _generate_arguments() -> dict:
+    """The local variables of the ``generate`` call that is running this loop, or {}.
+
+    transformers (5.24) hands ``custom_generate`` callables neither ``streamer`` nor ``assistant_model``; it has
+    already put the prompt into the streamer, so a consumer would wait forever for ``end()`` unless we find it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _GENERATE_CODE:
+            return frame.f_locals
+        frame = frame.f_back
+    return {}
+
+
 def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     extra = length - ids.shape[1]
     if extra == 0:
         return ids, mask
     return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
+
+
+def _plain_rows_cache(cache, rows: int, extra: int):
+    """The plain rows of the 2B-row cache without the left padding added to match the principle rows, so it
+    continues ``sequences`` like the cache ``_sample`` returns; None for cache layers other than ``DynamicLayer``."""
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    cache.batch_select_indices(torch.arange(rows, device=cache.layers[0].keys.device))
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., extra:, :], layer.values[..., extra:, :]
+    return cache
 
 
 @torch.no_grad()
@@ -57,10 +87,29 @@ def paired_generate(
     **model_kwargs,
 ):
     """Greedy / sampling loop with the signature of ``GenerationMixin._sample``; see the module docstring."""
+    caller = _generate_arguments()
+    streamer = streamer if streamer is not None else caller.get("streamer")
+    try:
+        return _paired_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                            streamer, caller.get("assistant_model"), model_kwargs)
+    finally:
+        # Always end the stream: a TextIteratorStreamer consumer must not hang when generation fails.
+        if streamer is not None:
+            streamer.end()
+
+
+def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                 assistant_model, model_kwargs):
     if synced_gpus:
         raise NotImplementedError("paired_generate does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP).")
     if generation_config.num_beams > 1:
         raise ValueError("paired_generate does not support beam search; use num_beams=1.")
+    if assistant_model is not None or generation_config.prompt_lookup_num_tokens is not None:
+        raise ValueError(
+            "paired_generate does not run assisted decoding (assistant_model / prompt_lookup_num_tokens): drop one "
+            "of the two. Without custom_generate, the bare LinearAlignmentProcessor runs assisted decoding exactly "
+            "(it refuses processors that change finite scores, such as repetition_penalty)."
+        )
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise NotImplementedError("paired_generate cannot return attentions or hidden states.")
     user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
@@ -93,14 +142,19 @@ def paired_generate(
     cache = None
     try:
         while True:
+            check_context(model, mask[:rows], "plain")
+            check_context(model, mask[rows:], "principle")
             logits, cache = cached_step(model, step_ids, mask, cache)
             plain_logits, principle_logits = logits[:rows], logits[rows:]
+            # The aligned scores are the model's scores: every processor, including those generate runs before
+            # user processors, acts on them. The processor's own call then only applies its plausibility mask.
+            aligned = processor.align(plain_logits, principle_logits)
             processor.feed(principle_logits)
-            next_scores = logits_processor(input_ids, plain_logits)
+            next_scores = logits_processor(input_ids, aligned)
             if scores is not None:
                 scores += (next_scores,)
             if raw_logits is not None:
-                raw_logits += (plain_logits,)
+                raw_logits += (aligned,)
             if generation_config.do_sample:
                 next_tokens = torch.multinomial(F.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
             else:
@@ -117,8 +171,9 @@ def paired_generate(
             mask = torch.cat([mask, mask.new_ones(2 * rows, 1)], dim=1)
     finally:
         processor.reset()
-    if streamer is not None:
-        streamer.end()
     if return_dict:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits)
+        plain_cache = None
+        if generation_config.use_cache:
+            plain_cache = _plain_rows_cache(cache, rows, length - plain_len)
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, cache=plain_cache)
     return input_ids

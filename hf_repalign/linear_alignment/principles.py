@@ -1,6 +1,9 @@
 """Building the plain and the principle-conditioned encodings of a batch from chat messages.
 
-The principle goes in as a system message, or is prepended to an existing one, as the authors did.
+The principle is added after the system text both prompts share, as the authors did (their templates append it to
+the model's default system prompt): an explicit system message, or the default system prompt the chat template
+inserts when there is none (SmolLM2, Qwen2.5, ...). So ``mup - mu0`` carries the principle only, not "drop the
+model's identity prompt". ``system_mode="replace"`` puts the principle in place of that text instead.
 
 Example:
     >>> plain, principle = build_principle_inputs(tokenizer, ["How do I pick a lock?"], HARMLESS_PRINCIPLE)
@@ -41,11 +44,41 @@ def personal_preference_principle(description: str) -> str:
     return PERSONAL_PREFERENCE_TEMPLATE.format(description=description.strip())
 
 
-def with_principle(messages: Messages, principle: str) -> Messages:
-    """``messages`` with ``principle`` as the system message, prepended to an existing one."""
+SYSTEM_MODES = ("append", "replace")
+
+
+def with_principle(messages: Messages, principle: str, default_system: str | None = None,
+                   system_mode: str = "append") -> Messages:
+    """``messages`` with ``principle`` in the system message.
+
+    ``system_mode="append"``: added after the existing system text (the conversation's system message, else
+    ``default_system``, the text the chat template would insert); ``"replace"``: the principle alone.
+    """
+    if system_mode not in SYSTEM_MODES:
+        raise ValueError(f"`system_mode` must be one of {SYSTEM_MODES}, got {system_mode!r}.")
+    rest = messages
+    system = default_system
     if messages and messages[0].get("role") == "system":
-        return [{"role": "system", "content": f"{principle}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": principle}, *messages]
+        system, rest = messages[0]["content"], messages[1:]
+    content = f"{system}\n\n{principle}" if system and system_mode == "append" else principle
+    return [{"role": "system", "content": content}, *rest]
+
+
+def default_system_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str | None:
+    """The system text ``tokenizer``'s chat template inserts into ``messages`` when they have no system message
+    (e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, ..."), or None.
+
+    Found by rendering once without a system message and once with a marker one: the default is what stands
+    where the marker stood.
+    """
+    if not getattr(tokenizer, "chat_template", None) or (messages and messages[0].get("role") == "system"):
+        return None
+    marker = "\x1fHF_REPALIGN_SYSTEM\x1f"
+    bare = _render(tokenizer, messages)
+    before, found, after = _render(tokenizer, [{"role": "system", "content": marker}, *messages]).partition(marker)
+    if not found or len(bare) < len(before) + len(after) or not (bare.startswith(before) and bare.endswith(after)):
+        return None
+    return bare[len(before): len(bare) - len(after)] or None
 
 
 def _as_messages(conversation: Conversation, row: int) -> Messages:
@@ -70,6 +103,7 @@ def build_principle_inputs(
     conversations: Conversation | Sequence[Conversation],
     principle: str | Sequence[str],
     return_tensors: str = "pt",
+    system_mode: str = "append",
 ) -> tuple[BatchEncoding, BatchEncoding]:
     """Plain and principle-conditioned encodings (left-padded) of a batch of questions or conversations.
 
@@ -78,6 +112,9 @@ def build_principle_inputs(
             as ``"Human: ...\\n\\nAssistant:"`` with the principle as a leading ``System:`` turn.
         conversations: one question, a list of questions, or a list of message lists.
         principle: one principle for every row, or one per row (e.g. personal preferences).
+        system_mode: ``"append"`` (default, as the authors): the principle is added after the system text both
+            prompts share (the conversation's system message, else the chat template's default system prompt);
+            ``"replace"``: the principle replaces that text in the principle prompt.
 
     Returns:
         ``(plain, principle)``: two ``BatchEncoding`` with ``input_ids`` and ``attention_mask``; pass ``plain`` to
@@ -100,7 +137,8 @@ def build_principle_inputs(
     for row, (conversation, text) in enumerate(zip(conversations, principles)):
         messages = _as_messages(conversation, row)
         plain_texts.append(_render(tokenizer, messages))
-        principle_texts.append(_render(tokenizer, with_principle(messages, text)))
+        default = default_system_prompt(tokenizer, messages)
+        principle_texts.append(_render(tokenizer, with_principle(messages, text, default, system_mode)))
     # Chat templates already carry their special tokens.
     has_template = bool(getattr(tokenizer, "chat_template", None))
     encode = dict(return_tensors=return_tensors, padding=True, add_special_tokens=not has_template)

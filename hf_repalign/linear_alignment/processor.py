@@ -1,37 +1,82 @@
 """``LinearAlignmentProcessor``: Linear Alignment (Gao et al., ICML 2024) as a transformers ``LogitsProcessor``.
 
+The aligned scores ``mup + alpha * (mup - mu0)`` are computed from the RAW logits of both branches, and every
+processor and warper ``generate`` builds then acts on them as it would on a plain model's logits. Use it with
+``custom_generate=paired_generate``, which does exactly that (and runs both branches as one forward):
+
 Example:
-    >>> from transformers import LogitsProcessorList
-    >>> from hf_repalign import LinearAlignmentProcessor, build_principle_inputs
+    >>> from hf_repalign import LinearAlignmentProcessor, build_principle_inputs, paired_generate
     >>> plain, principle = build_principle_inputs(tokenizer, ["How do I pick a lock?"], "Be harmless.")
     >>> proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=1.0)
-    >>> out = model.generate(**plain, logits_processor=LogitsProcessorList([proc]), max_new_tokens=64)
+    >>> out = model.generate(**plain, logits_processor=[proc], custom_generate=paired_generate, max_new_tokens=64,
+    ...                      repetition_penalty=1.1)
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
-from transformers import LogitsProcessor, PreTrainedModel
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    PreTrainedModel,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+)
+from transformers.generation.logits_process import EncoderNoRepeatNGramLogitsProcessor
 from transformers.utils import logging
 
-from .forward import cached_step
-from .rule import align_scores
+from .forward import cached_step, check_context, context_length
+from .rule import combine, plausibility_mask
 
 logger = logging.get_logger(__name__)
+
+# Processors that only ever set scores to -inf and leave finite scores untouched: banning a token before or after
+# the update rule gives the same scores, so the bare processor is exact behind them.
+_BAN_ONLY = (
+    NoRepeatNGramLogitsProcessor,
+    EncoderNoRepeatNGramLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+)
+
+# The authors' released decoding (Wizardcoast/Linear_Alignment, model.py + infer_hh.sh): the principle branch's
+# top-0.8 nucleus at temperature 0.5, applied also when greedy; ratio 3 (HH) or 5 (personal preferences).
+AUTHORS_PRESET = {"principle_top_p": 0.8, "principle_temperature": 0.5}
 
 
 class LinearAlignmentProcessor(LogitsProcessor):
     r"""Shift next-token scores along the difference between a principle-conditioned and a plain context.
 
-    At each step, with ``mu0`` the scores generate hands over (plain context) and ``mup`` the next-token logits of
-    the principle-conditioned context continued with the same generated tokens, the output is
-    ``mup + alpha * (mup - mu0)``. ``alpha=0`` is principle-prompted decoding, ``alpha=-1`` plain decoding.
+    At each step, with ``mu0`` the plain context's raw next-token logits and ``mup`` those of the
+    principle-conditioned context continued with the same generated tokens, the model's scores become
+    ``mup + alpha * (mup - mu0)`` (``alpha=0``: principle prompting, ``alpha=-1``: plain decoding). Every other
+    processor and warper of ``generate`` (repetition penalty, sequence bias, length penalties, n-gram and word bans,
+    temperature, top-k/top-p, ...) then acts on these aligned scores as it would on a plain model's logits.
 
-    On its own the processor runs the principle branch of all rows as one batched forward per step, with its own
-    KV cache. With ``custom_generate=paired_generate`` the plain and principle rows run as a single forward of
-    2B rows instead (faster; same tokens).
+    Pass ``custom_generate=paired_generate`` to ``generate`` (recommended): it aligns the raw logits before any
+    processor runs and runs the plain and principle rows as one forward of 2B rows per step.
+
+    On its own (no ``custom_generate``) the processor runs the principle branch as a second cached forward. It then
+    only sees ``mu0`` after the processors ``generate`` runs before user processors, so it checks them: processors
+    that only ban tokens (``no_repeat_ngram_size``, ``bad_words_ids``, ``min_new_tokens``, ``suppress_tokens``, ...)
+    are exact; any processor that changes finite scores (``repetition_penalty``, also from the model's
+    ``generation_config.json``, ``sequence_bias``, ``exponential_decay_length_penalty``, a custom processor listed
+    before this one, ...) raises a ``ValueError`` pointing to ``paired_generate`` instead of silently turning the
+    penalty into a boost. The bare processor also supports assisted decoding (``prompt_lookup_num_tokens``,
+    ``assistant_model``) exactly: its principle cache is rolled back to the accepted tokens.
 
     Args:
         model: the causal LM that ``generate`` runs (the principle branch uses the same weights).
@@ -39,14 +84,19 @@ class LinearAlignmentProcessor(LogitsProcessor):
             prompt, left-padded like the plain prompts. B is the plain batch size; rows are repeated for
             ``num_return_sequences``.
         principle_attention_mask: (B, Lp), defaults to all ones.
-        alpha: the step along ``mup - mu0`` (the authors' "ratio").
-        normalize: use the unit-L2 difference per row (paper Eq. 10).
+        alpha: the step along ``mup - mu0`` (the authors' "ratio"). With ``normalize=True``, the length of the step.
+        normalize: the paper's Eq. 10 / Algorithm 1: ``mu0 + alpha * (mup - mu0) / ||mup - mu0||`` (plain base,
+            unit-L2 step over the vocabulary). ``alpha`` is then in logit units along the whole vocabulary:
+            ``alpha = ||mup - mu0||`` (typically tens to hundreds) reproduces principle prompting.
         principle_top_p: keep only the top-p nucleus of the principle distribution (the authors' plausibility
             mask); other tokens get ``-inf``.
+        principle_temperature: temperature of the principle distribution the nucleus is taken from. ``None``
+            (default): the generation temperature when sampling, 1 when greedy.
 
     Example:
         >>> proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=2.0)
-        >>> model.generate(**plain, logits_processor=[proc], do_sample=True, top_p=0.9, max_new_tokens=32)
+        >>> model.generate(**plain, logits_processor=[proc], custom_generate=paired_generate, do_sample=True,
+        ...                top_p=0.9, max_new_tokens=32)
     """
 
     def __init__(
@@ -57,6 +107,7 @@ class LinearAlignmentProcessor(LogitsProcessor):
         alpha: float = 1.0,
         normalize: bool = False,
         principle_top_p: float | None = None,
+        principle_temperature: float | None = None,
     ) -> None:
         _check_causal(model)
         ids = torch.as_tensor(principle_input_ids)
@@ -81,24 +132,54 @@ class LinearAlignmentProcessor(LogitsProcessor):
                 f"`principle_input_ids` holds token id {int(ids.max())} but the model's vocabulary has {vocab} "
                 "tokens: were the principle prompts encoded with another tokenizer?"
             )
+        limit, lengths = context_length(model), mask.sum(dim=1)
+        if limit is not None and int(lengths.max()) >= limit:
+            row = int(lengths.argmax())
+            raise ValueError(
+                f"`principle_input_ids` row {row} has {int(lengths[row])} tokens but the model's context is {limit} "
+                "(max_position_embeddings): no room is left to generate; shorten the principle or the prompt."
+            )
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise ValueError(f"`alpha` must be a finite number, got {alpha!r}.")
         if principle_top_p is not None and not 0.0 < float(principle_top_p) <= 1.0:
             raise ValueError(f"`principle_top_p` must be in (0, 1], got {principle_top_p!r}.")
+        if principle_temperature is not None and not float(principle_temperature) > 0.0:
+            raise ValueError(f"`principle_temperature` must be > 0, got {principle_temperature!r}.")
         self.model = model
         self.principle_input_ids = ids
         self.principle_attention_mask = mask.long()
         self.alpha = float(alpha)
         self.normalize = bool(normalize)
         self.principle_top_p = None if principle_top_p is None else float(principle_top_p)
+        self.principle_temperature = None if principle_temperature is None else float(principle_temperature)
         self.reset()
+
+    @classmethod
+    def authors_defaults(
+        cls,
+        model: PreTrainedModel,
+        principle_input_ids: torch.Tensor,
+        principle_attention_mask: torch.Tensor | None = None,
+        alpha: float = 3.0,
+    ) -> "LinearAlignmentProcessor":
+        """The authors' released configuration: ``alpha`` ("ratio") 3 as in their HH script (5 for personal
+        preferences), plausibility mask = top-0.8 nucleus of the principle branch at temperature 0.5, applied
+        also when greedy (their scripts decode greedily). To sample as they do, add
+        ``do_sample=True, temperature=0.5, top_k=0, top_p=1.0`` to ``generate``.
+
+        Example:
+            >>> proc = LinearAlignmentProcessor.authors_defaults(model, principle["input_ids"],
+            ...                                                  principle["attention_mask"])
+        """
+        return cls(model, principle_input_ids, principle_attention_mask, alpha=alpha, **AUTHORS_PRESET)
 
     def reset(self) -> None:
         """Forget the principle branch's cache (done automatically when a new ``generate`` call starts)."""
         self._cache = None
         self._mask: torch.Tensor | None = None
-        self._seen: torch.Tensor | None = None
-        self._fed: torch.Tensor | None = None
+        self._prompt: torch.Tensor | None = None
+        self._generated: torch.Tensor | None = None
+        self._paired_principle: torch.Tensor | None = None
 
     def expanded_principle(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Principle ids and mask with one row per row of ``input_ids`` (repeated for ``num_return_sequences``)."""
@@ -118,56 +199,125 @@ class LinearAlignmentProcessor(LogitsProcessor):
             )
         return ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
 
+    def align(self, plain_logits: torch.Tensor, principle_logits: torch.Tensor) -> torch.Tensor:
+        """The aligned scores from the raw logits of both branches, before any processor (used by
+        ``paired_generate``, which then hands ``principle_logits`` over with :meth:`feed`)."""
+        return combine(plain_logits, principle_logits, self.alpha, self.normalize)
+
     def feed(self, principle_logits: torch.Tensor) -> None:
-        """Hand over this step's principle logits, computed elsewhere (used by ``paired_generate``)."""
-        self._fed = principle_logits
+        """Mark this step's scores as already aligned by :meth:`align`; the processor's own call then only applies
+        the plausibility mask (used by ``paired_generate``)."""
+        self._paired_principle = principle_logits
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._fed is not None:
-            principle_logits, self._fed = self._fed, None
-        else:
-            principle_logits = self._principle_logits(input_ids, scores)
+        processors = _calling_list(self)
+        if self._paired_principle is not None:
+            principle_logits, self._paired_principle = self._paired_principle, None
+            return self._plausible(scores, principle_logits, processors).to(scores.dtype)
+        if processors is not None:
+            self._check_upstream(processors)
+        principle_logits = self._principle_logits(input_ids, scores)
         if principle_logits.shape != scores.shape:
             raise ValueError(
                 f"vocab-size mismatch: generate's scores have shape {tuple(scores.shape)} but the principle branch "
                 f"gives {tuple(principle_logits.shape)}; the processor's model must be the model that generates."
             )
-        out = align_scores(scores, principle_logits, self.alpha, self.normalize, self.principle_top_p)
-        return out.to(scores.dtype)
+        aligned = combine(scores, principle_logits, self.alpha, self.normalize)
+        return self._plausible(aligned, principle_logits, processors).to(scores.dtype)
+
+    def _plausible(self, scores: torch.Tensor, principle_logits: torch.Tensor, processors) -> torch.Tensor:
+        if self.principle_top_p is None:
+            return scores
+        temperature = self.principle_temperature
+        if temperature is None:
+            temperature = _generation_temperature(self, processors)
+        return plausibility_mask(scores, principle_logits, self.principle_top_p, temperature)
+
+    def _check_upstream(self, processors: LogitsProcessorList) -> None:
+        upstream = processors[: next(i for i, p in enumerate(processors) if p is self)]
+        changing = [type(p).__name__ for p in upstream if type(p) not in _BAN_ONLY]
+        if changing:
+            raise ValueError(
+                f"generate runs {changing} before LinearAlignmentProcessor. They change finite scores, and a bare "
+                "logits processor only sees the plain scores after them: mup + alpha * (mup - mu0) would turn each "
+                "penalty into a boost. Pass custom_generate=paired_generate to generate (it aligns the raw logits "
+                "first, then runs every processor on the aligned scores), or, for your own processors, list "
+                "LinearAlignmentProcessor first. Defaults from the model's generation_config.json count too."
+            )
+        if self.normalize and upstream:
+            raise ValueError(
+                f"normalize=True needs the raw plain logits over the whole vocabulary, but generate runs "
+                f"{[type(p).__name__ for p in upstream]} before LinearAlignmentProcessor: pass "
+                "custom_generate=paired_generate to generate."
+            )
 
     @torch.no_grad()
     def _principle_logits(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        seen = self._seen
+        """Principle logits after the principle prompt + the tokens generated after the plain prompt.
+
+        Kept in one cache that follows ``input_ids``: one new token per step, several at once or rolled back to
+        the accepted prefix (assisted decoding), from scratch when a new prompt comes.
+        """
+        prompt = self._prompt
         continuing = (
-            seen is not None
-            and input_ids.shape == (seen.shape[0], seen.shape[1] + 1)
-            and torch.equal(input_ids[:, :-1], seen)
+            prompt is not None
+            and input_ids.shape[0] == prompt.shape[0]
+            and input_ids.shape[1] > prompt.shape[1]
+            and torch.equal(input_ids[:, : prompt.shape[1]], prompt)
         )
-        if continuing:
-            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
-            logits, self._cache = cached_step(self.model, input_ids[:, -1:], self._mask, self._cache)
-        else:
-            if seen is not None and input_ids.shape[1] == seen.shape[1] + 1 and _rows_permuted(input_ids, seen):
-                raise ValueError(_BEAM_ERROR)
+        if not continuing:
             _check_not_log_probs(scores)
-            ids, self._mask = self.expanded_principle(input_ids)
-            logits, self._cache = cached_step(self.model, ids, self._mask, None)
-        self._seen = input_ids
+            ids, mask = self.expanded_principle(input_ids)
+            self._prompt, self._generated, self._mask = input_ids, input_ids[:, :0], mask
+            logits, self._cache = cached_step(self.model, ids, mask, None)
+            return logits
+        new = input_ids[:, prompt.shape[1]:]
+        keep = min(_common_prefix(self._generated, new), new.shape[1] - 1)
+        dropped = self._generated.shape[1] - keep
+        if dropped:
+            self._cache.crop(-dropped)
+        principle_len = self._mask.shape[1] - self._generated.shape[1]
+        tokens = new[:, keep:]
+        self._mask = torch.cat([self._mask[:, : principle_len + keep], self._mask.new_ones(tokens.shape)], dim=1)
+        check_context(self.model, self._mask, "principle")
+        logits, self._cache = cached_step(self.model, tokens, self._mask, self._cache)
+        self._generated = new
         return logits
+
+
+def _calling_list(processor: LinearAlignmentProcessor) -> LogitsProcessorList | None:
+    """The ``LogitsProcessorList`` that is calling ``processor`` (generate's full list), or None.
+
+    A logits processor is not told which other processors run; generate calls the list, the list calls us.
+    """
+    frame = sys._getframe(2)
+    if frame.f_code is not LogitsProcessorList.__call__.__code__:
+        return None
+    processors = frame.f_locals.get("self")
+    if not isinstance(processors, LogitsProcessorList) or not any(p is processor for p in processors):
+        return None
+    return processors
+
+
+def _generation_temperature(processor: LinearAlignmentProcessor, processors: LogitsProcessorList | None) -> float:
+    """The temperature warper generate runs after ``processor`` (sampling), else 1."""
+    if processors is None:
+        return 1.0
+    after = processors[next(i for i, p in enumerate(processors) if p is processor) + 1:]
+    return next((float(p.temperature) for p in after if isinstance(p, TemperatureLogitsWarper)), 1.0)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest prefix that every row of ``a`` shares with the same row of ``b``."""
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n]).all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
 
 
 _BEAM_ERROR = (
     "LinearAlignmentProcessor does not support beam search (beams reorder rows and hand over log-probabilities); "
     "use greedy decoding or sampling (num_beams=1)."
 )
-
-
-def _rows_permuted(input_ids: torch.Tensor, seen: torch.Tensor) -> bool:
-    prefixes = input_ids[:, :-1]
-    if prefixes.shape[0] != seen.shape[0]:
-        return False
-    matches = (prefixes[:, None, :] == seen[None, :, :]).all(-1)
-    return bool(matches.any(dim=1).all())
 
 
 def _check_not_log_probs(scores: torch.Tensor) -> None:

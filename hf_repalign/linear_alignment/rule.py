@@ -1,7 +1,10 @@
-"""The Linear Alignment update rule (Gao et al., ICML 2024), as one small function.
+"""The Linear Alignment update rule (Gao et al., ICML 2024) and the authors' plausibility mask.
 
-``mup + alpha * (mup - mu0)``: the base is the principle-conditioned branch and ``alpha`` the authors' "ratio",
-so ``alpha=0`` is principle-prompted decoding and ``alpha=-1`` plain decoding.
+Default (the authors' released code): ``mup + alpha * (mup - mu0)``, the principle branch as the base and ``alpha``
+their "ratio", so ``alpha=0`` is principle-prompted decoding and ``alpha=-1`` plain decoding.
+
+``normalize=True`` (paper Eq. 10 / Algorithm 1): ``mu0 + alpha * (mup - mu0) / ||mup - mu0||``, the plain policy as
+the base and a unit-L2 step, so ``alpha=0`` is plain decoding and ``alpha = ||mup - mu0||`` principle prompting.
 """
 
 from __future__ import annotations
@@ -15,17 +18,17 @@ def align_scores(
     alpha: float,
     normalize: bool = False,
     principle_top_p: float | None = None,
+    principle_temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Move next-token scores along the principle direction.
+    """Move next-token scores along the principle direction, then apply the plausibility mask (if any).
 
     Args:
-        plain: ``mu0``, (B, V) scores of the plain context, as earlier processors left them. ``-inf`` entries
-            (banned tokens) stay ``-inf``.
+        plain: ``mu0``, (B, V) plain-context logits. ``-inf`` entries (banned tokens) stay ``-inf``.
         principle: ``mup``, (B, V) next-token logits of the principle-conditioned context.
         alpha: step along ``mup - mu0``.
-        normalize: use the unit-L2 difference per row, over the tokens that are not banned (paper Eq. 10).
-        principle_top_p: keep only the top-p nucleus of the principle branch's distribution (over non-banned
-            tokens); the rest become ``-inf``. The most likely token always survives.
+        normalize: the paper's Eq. 10 form (plain base, unit-L2 step over the tokens that are not banned).
+        principle_top_p: keep only the top-p nucleus of the principle distribution; see :func:`plausibility_mask`.
+        principle_temperature: temperature of the principle distribution the nucleus is taken from.
 
     Returns:
         (B, V) float32 scores; never NaN or ``+inf``.
@@ -34,6 +37,14 @@ def align_scores(
         >>> align_scores(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), alpha=1.0)
         tensor([[ 2., -1.]])
     """
+    out = combine(plain, principle, alpha, normalize)
+    if principle_top_p is not None:
+        out = plausibility_mask(out, principle, principle_top_p, principle_temperature)
+    return out
+
+
+def combine(plain: torch.Tensor, principle: torch.Tensor, alpha: float, normalize: bool = False) -> torch.Tensor:
+    """The update rule alone (no mask): (B, V) float32 aligned scores; ``-inf`` in ``plain`` stays ``-inf``."""
     plain = plain.float()
     principle = principle.float()
     banned = ~torch.isfinite(plain)
@@ -42,16 +53,28 @@ def align_scores(
     if normalize:
         diff = (principle_finite - plain_finite).masked_fill(banned, 0.0)
         norm = diff.norm(dim=-1, keepdim=True)
-        diff = torch.where(norm > 0, diff / norm.clamp(min=torch.finfo(diff.dtype).tiny), diff)
-        out = principle_finite + alpha * diff
+        step = torch.where(norm > 0, diff / norm.clamp(min=torch.finfo(diff.dtype).tiny), diff)
+        # Bit-exact mu0 at alpha=0.
+        out = plain_finite + alpha * step
     else:
         # (1 + a) * mup - a * mu0: bit-exact mup at a=0 and mu0 at a=-1.
         out = (1.0 + alpha) * principle_finite - alpha * plain_finite
-    if principle_top_p is not None:
-        out = out.masked_fill(~_nucleus(principle_finite.masked_fill(banned, float("-inf")), principle_top_p),
-                              float("-inf"))
     out = out.masked_fill(banned, float("-inf"))
     return torch.nan_to_num(out, nan=float("-inf"), posinf=torch.finfo(out.dtype).max, neginf=float("-inf"))
+
+
+def plausibility_mask(
+    scores: torch.Tensor, principle: torch.Tensor, top_p: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """``scores`` with every token outside the principle branch's top-p nucleus set to ``-inf``.
+
+    The nucleus is that of ``softmax(principle / temperature)`` over the tokens ``scores`` has not banned (the
+    authors: ``top_p=0.8`` at ``temperature=0.5``); its most likely token always survives.
+    """
+    banned = ~torch.isfinite(scores)
+    principle = torch.nan_to_num(principle.float(), nan=0.0, posinf=0.0, neginf=0.0) / temperature
+    keep = _nucleus(principle.masked_fill(banned, float("-inf")), top_p)
+    return scores.float().masked_fill(~keep, float("-inf"))
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
