@@ -50,7 +50,7 @@ def naive_reference(model, plain, principle, steps, alpha, normalize=False, top_
         diff = mup - mu0
         if normalize:
             diff = diff / diff.norm(dim=-1, keepdim=True)
-        scores = mup + alpha * diff
+        scores = (mu0 if normalize else mup) + alpha * diff
         if top_p is not None:
             probs = mup.softmax(-1)
             for row in range(probs.shape[0]):
