@@ -437,3 +437,29 @@ def test_paired_returns_the_plain_rows_cache(llama, tokenizer):
     fresh = llama.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
                            do_sample=False)
     _assert_same(cont, fresh)
+
+
+def test_cli_preset_and_penalty_flags(llama, tokenizer, tmp_path, monkeypatch, capsys):
+    from hf_repalign.cli import main
+
+    llama.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    built, calls = [], []
+    real_init, real_generate = LinearAlignmentProcessor.__init__, type(llama).generate
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    def spy_generate(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearAlignmentProcessor, "__init__", spy_init)
+    monkeypatch.setattr(type(llama), "generate", spy_generate)
+    assert main(["generate", "Hi", "--model", str(tmp_path), "--max_new_tokens", "3", "--principle", PRINCIPLE,
+                 "--preset", "authors", "--do_sample", "--repetition_penalty", "1.1", "--alpha", "3"]) == 0
+    assert (built[0].principle_top_p, built[0].principle_temperature, built[0].alpha) == (0.8, 0.5, 3.0)
+    la_call = calls[-1]
+    assert la_call["custom_generate"] is paired_generate and la_call["repetition_penalty"] == 1.1
+    assert (la_call["temperature"], la_call["top_p"], la_call["top_k"]) == (0.5, 1.0, 0)

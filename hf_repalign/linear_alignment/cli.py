@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -15,8 +16,11 @@ from hf_repalign.models import load_model_and_tokenizer
 
 from .paired import paired_generate
 from .principles import HARMLESS_PRINCIPLE, build_principle_inputs
-from .processor import LinearAlignmentProcessor
+from .processor import AUTHORS_PRESET, LinearAlignmentProcessor
 
+
+Preset = Literal["authors"]
+SystemMode = Literal["append", "replace"]
 
 
 @dataclass
@@ -30,8 +34,18 @@ class GenerateArguments:
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
     top_p: float = field(default=0.9, metadata={"help": "Sampling nucleus (with --do_sample)."})
-    normalize: bool = field(default=False, metadata={"help": "Unit-norm difference (paper Eq. 10)."})
+    normalize: bool = field(default=False, metadata={
+        "help": "Paper Eq. 10: plain logits + a unit-norm step of length alpha (alpha then needs tens to hundreds)."})
     principle_top_p: float | None = field(default=None, metadata={"help": "Plausibility mask of the principle."})
+    principle_temperature: float | None = field(default=None, metadata={
+        "help": "Temperature of the plausibility mask (default: the sampling temperature, 1 when greedy)."})
+    preset: Preset | None = field(default=None, metadata={
+        "help": "'authors': their released decoding (mask top-p 0.8 at temperature 0.5, also greedy; with "
+                "--do_sample: temperature 0.5, no top-k/top-p). Explicit flags win."})
+    system_mode: SystemMode = field(default="append", metadata={
+        "help": "append: the principle is added after the (default) system prompt, as the authors; replace: it "
+                "replaces it."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Applied to the aligned scores, as generate does."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
@@ -63,12 +77,19 @@ def run(args: GenerateArguments) -> int:
         raise SystemExit("repalign generate: give at least one question.")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    plain, principle = build_principle_inputs(tokenizer, args.question, args.principle)
-    proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
-                                    normalize=args.normalize, principle_top_p=args.principle_top_p)
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=tokenizer.pad_token_id)
+    plain, principle = build_principle_inputs(tokenizer, args.question, args.principle,
+                                              system_mode=args.system_mode)
+    mask = dict(principle_top_p=args.principle_top_p, principle_temperature=args.principle_temperature)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=tokenizer.pad_token_id,
+               repetition_penalty=args.repetition_penalty)
     if args.do_sample:
         gen.update(temperature=args.temperature, top_p=args.top_p)
+    if args.preset == "authors":
+        mask = {key: AUTHORS_PRESET[key] if value is None else value for key, value in mask.items()}
+        if args.do_sample:
+            gen.update(temperature=AUTHORS_PRESET["principle_temperature"], top_p=1.0, top_k=0)
+    proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
+                                    normalize=args.normalize, **mask)
     runs = [
         ("plain", plain, {}),
         ("principle prompt", principle, {}),
