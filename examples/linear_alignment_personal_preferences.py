@@ -2,8 +2,10 @@
 
     python examples/linear_alignment_personal_preferences.py [--model PATH_OR_HUB_ID] [--alpha 1.0]
 
-Each row gets its own principle (the authors' personal-preference template); plain and principle rows run as one
-forward per step through ``paired_generate``. Also shows the same processor inside a text-generation pipeline.
+Each row gets its own principle (the authors' personal-preference template, added after the model's default system
+prompt). ``custom_generate=paired_generate`` runs plain and principle rows as one forward per step and computes the
+aligned scores from the raw logits, so generate's own options (here ``repetition_penalty``) act on the aligned scores
+as on a plain model's. Also shows the same call inside a text-generation pipeline.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--model", default=None, help="local path or Hub id; default: embedded SmolLM2-135M")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1)
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     principles = [personal_preference_principle(user) for user in USERS]
     plain, principle = build_principle_inputs(tokenizer, [QUESTION] * len(USERS), principles)
     proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha)
-    out = model.generate(**plain, logits_processor=LogitsProcessorList([proc]), custom_generate=paired_generate,
-                         max_new_tokens=args.max_new_tokens, do_sample=False)
+    decoding = dict(custom_generate=paired_generate, max_new_tokens=args.max_new_tokens, do_sample=False,
+                    repetition_penalty=args.repetition_penalty)
+    out = model.generate(**plain, logits_processor=LogitsProcessorList([proc]), **decoding)
     answers = tokenizer.batch_decode(out[:, plain["input_ids"].shape[1]:], skip_special_tokens=True)
     for user, answer in zip(USERS, answers):
         print(f"--- for {user}:\n{answer.strip()}\n")
@@ -46,8 +50,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     single_plain, single_principle = build_principle_inputs(tokenizer, QUESTION, principles[0])
     single = LinearAlignmentProcessor(model, single_principle["input_ids"], alpha=args.alpha)
     prompt = tokenizer.decode(single_plain["input_ids"][0])
-    text = generator(prompt, logits_processor=LogitsProcessorList([single]), max_new_tokens=args.max_new_tokens,
-                     do_sample=False, return_full_text=False, add_special_tokens=False)[0]["generated_text"]
+    text = generator(prompt, logits_processor=LogitsProcessorList([single]), return_full_text=False,
+                     add_special_tokens=False, **decoding)[0]["generated_text"]
     print(f"--- pipeline, for {USERS[0]}:\n{text.strip()}")
     return answers + [text]
 
