@@ -45,7 +45,8 @@ class GenerateArguments:
     system_mode: SystemMode = field(default="append", metadata={
         "help": "append: the principle is added after the (default) system prompt, as the authors; replace: it "
                 "replaces it."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Applied to the aligned scores, as generate does."})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "generate's repetition penalty; acts on the aligned scores."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
 
