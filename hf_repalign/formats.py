@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -42,6 +43,18 @@ def _where(row: int | None, field: str) -> str:
     return f"row {row}, field `{field}`" if row is not None else f"field `{field}`"
 
 
+def check_unicode(value: str, where: str) -> str:
+    """Refuse text that cannot be encoded (a lone surrogate such as ``"\\ud800"``), naming ``where``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PreferenceFormatError(
+            f"{where}: the text holds a lone surrogate {value[err.start]!r} at character {err.start}, which is not "
+            "valid Unicode (decode the source with errors='replace' or fix the row)."
+        ) from None
+    return value
+
+
 def _check_text(value: Any, row: int | None, field: str) -> str:
     if value is None:
         raise PreferenceFormatError(f"{_where(row, field)}: value is None; expected a non-empty string.")
@@ -51,7 +64,7 @@ def _check_text(value: Any, row: int | None, field: str) -> str:
         )
     if not value.strip():
         raise PreferenceFormatError(f"{_where(row, field)}: the text is empty.")
-    return value
+    return check_unicode(value, _where(row, field))
 
 
 def _check_messages(value: Any, row: int | None, field: str) -> Messages:
@@ -67,6 +80,7 @@ def _check_messages(value: Any, row: int | None, field: str) -> Messages:
                 f"{_where(row, field)}: message {i} content must be a string, got "
                 f"{type(message['content']).__name__}."
             )
+        check_unicode(message["content"], f"{_where(row, field)}, message {i}")
     return [dict(m) for m in value]
 
 
@@ -168,6 +182,47 @@ def prompt_messages(prompt: Prompt) -> Messages:
     return [{"role": "user", "content": prompt}]
 
 
+def normalize_triplet(triplet: PreferenceTriplet) -> PreferenceTriplet:
+    """Strip surrounding whitespace from the responses and from every prompt turn, so that the same content gives
+    the same text whatever its source: an HH-RLHF string row (``" Hello!"`` after ``"Assistant:"``), a message row
+    or a generated answer (already stripped). HH dialogue strings keep their ``"\\n\\nHuman:"`` markers; their turns
+    are stripped when they are parsed into messages."""
+    prompt = triplet.prompt
+    if isinstance(prompt, list):
+        prompt = [dict(m, content=m["content"].strip()) for m in prompt]
+    elif not _HH_TURN.search(prompt):
+        prompt = prompt.strip()
+    return PreferenceTriplet(prompt, triplet.chosen.strip(), triplet.rejected.strip())
+
+
+def check_template(template: Template, where: str = "`template`") -> Template:
+    """A format-string template may use only ``{prompt}`` and ``{response}`` (each at least once), with no format
+    spec or conversion: a template read from a file or the Hub is data, and ``{prompt:>5000000}`` would cost
+    seconds and a gigabyte a row."""
+    if template is None or callable(template):
+        return template
+    if not isinstance(template, str):
+        raise ValueError(f"{where} must be a format string, a callable or None, got {type(template).__name__}.")
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"{where} {template!r:.80} is not a valid format string: {err}.") from None
+    seen = set()
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in ("prompt", "response") or spec or conversion:
+            raise ValueError(
+                f"{where} {template!r:.80} uses the field {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}; only {{prompt}} and {{response}} are allowed, without format "
+                "specs or conversions."
+            )
+        seen.add(name)
+    if seen != {"prompt", "response"}:
+        raise ValueError(f"{where} {template!r:.80} must contain both {{prompt}} and {{response}}.")
+    return template
+
+
 def render(tokenizer: Any, prompt: Prompt, response: str, template: Template = None) -> str:
     """Text of a (prompt, response) pair.
 
@@ -240,11 +295,44 @@ def encode_many(
 ) -> list[tuple[list[int], list[list[int]]]]:
     """:func:`encode_responses` over many ``(prompt, responses)`` groups with two tokenizer calls in all (a fast
     tokenizer spreads a batch over every core). Template errors name ``rows[i]`` when given."""
-    prefixes, parts, counts = [], [], []
+    return [(prompt_ids, [body + tail for body, tail in parts])
+            for prompt_ids, parts in _encode_groups(tokenizer, groups, template, rows, split_tail=False)]
+
+
+def encode_spans(
+    tokenizer: Any, groups: Sequence[tuple[Prompt, Sequence[str]]], template: Template = None,
+    rows: Sequence[int] | None = None,
+) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
+    """Like :func:`encode_many`, with each response's ids cut into ``(response text ids, template tail ids)``.
+
+    The tail is what the template adds after every response (``"<|im_end|>\\n"`` for ChatML, often nothing for a
+    format string); it is found as the common suffix of two renders with different placeholder responses, like the
+    prompt prefix. Prompt, response text and tail are tokenized separately, so each boundary is exact.
+    """
+    return _encode_groups(tokenizer, groups, template, rows, split_tail=True)
+
+
+def _template_tail(tokenizer: Any, prompt: Prompt, template: Template) -> str:
+    a = render(tokenizer, prompt, "\ue000", template)
+    b = render(tokenizer, prompt, "\ue001", template)
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n:] if n else ""
+
+
+def _encode_groups(tokenizer, groups, template, rows, split_tail: bool):
+    prefixes, bodies, tails, counts = [], [], [], []
     for i, (prompt, responses) in enumerate(groups):
         try:
             prefix = prompt_prefix(tokenizer, prompt, template)
-            parts += [_response_part(tokenizer, prompt, response, template, prefix) for response in responses]
+            tail = _template_tail(tokenizer, prompt, template) if split_tail else ""
+            for response in responses:
+                part = _response_part(tokenizer, prompt, response, template, prefix)
+                if tail and not part.endswith(tail):
+                    raise PreferenceFormatError("the template does not end every response with the same text.")
+                bodies.append(part[: len(part) - len(tail)])
+                tails.append(tail)
         except PreferenceFormatError as err:
             raise PreferenceFormatError(f"row {rows[i]}: {err}" if rows is not None else str(err)) from err
         prefixes.append(prefix)
@@ -252,12 +340,21 @@ def encode_many(
     if not groups:
         return []
     prompt_ids = tokenizer(prefixes, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(parts, add_special_tokens=False)["input_ids"] if parts else []
+    body_ids = tokenizer(bodies, add_special_tokens=False)["input_ids"] if bodies else []
+    tail_ids = _tokenize_tails(tokenizer, tails) if split_tail else [[] for _ in bodies]
     out, start = [], 0
     for ids, count in zip(prompt_ids, counts):
-        out.append((list(ids), [list(r) for r in response_ids[start : start + count]]))
+        parts = [(list(body_ids[j]), list(tail_ids[j])) for j in range(start, start + count)]
+        out.append((list(ids), parts))
         start += count
     return out
+
+
+def _tokenize_tails(tokenizer, tails: list[str]) -> list[list[int]]:
+    """Tails repeat (one per template), so each distinct one is tokenized once."""
+    distinct = list(dict.fromkeys(tails))
+    ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+    return [list(ids[t]) for t in tails]
 
 
 def triplets(rows: Sequence[Mapping[str, Any]]) -> list[PreferenceTriplet]:

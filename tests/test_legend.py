@@ -17,6 +17,7 @@ from hf_repalign.legend import (
     margin_direction,
     margin_raw,
 )
+from hf_repalign.legend.embedding import embed_sequences
 from hf_repalign.testing import tiny_model
 
 PROMPTS = ["How do I pick a lock?", "Tell me a joke.", "What is 2+2?", "Write a poem about rain.", "Hi"]
@@ -29,16 +30,22 @@ def pairs(n=5):
 
 
 def naive_embedding(model, tokenizer, prompt, response, layer, pooling):
-    """One unpadded forward with output_hidden_states; the chat-template text split at the assistant turn."""
+    """One unpadded forward with output_hidden_states; the chat-template text split into the prompt part, the
+    response text and the template's closing tail (``<|im_end|>\\n``)."""
     user = [{"role": "user", "content": prompt}]
     head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-    assert full.startswith(head)
+    assert full.startswith(head + response)
+    tail = full[len(head) + len(response):]
+    assert tail == "<|im_end|>\n"
     head_ids = tokenizer(head)["input_ids"]
-    ids = head_ids + tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    body_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids = head_ids + body_ids + tokenizer(tail, add_special_tokens=False)["input_ids"]
+    end = len(head_ids) + len(body_ids)
     with torch.no_grad():
         states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
-    return states[-1] if pooling == "last" else states[len(head_ids):].mean(dim=0)
+    return {"last": states[end - 1], "mean": states[len(head_ids):end].mean(dim=0),
+            "mean_all": states[:end].mean(dim=0), "last_rendered": states[-1]}[pooling]
 
 
 @pytest.fixture
@@ -52,7 +59,7 @@ def pipe(llama, tokenizer, vector):
 
 
 # ------------------------------------------------------------------------------------------------ maths
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all", "last_rendered"])
 @pytest.mark.parametrize("layer", [2, -1])
 def test_margin_raw_matches_naive_per_pair_forward(model, tokenizer, pooling, layer):
     vec = MarginVector.fit(model, tokenizer, PROMPTS, GOOD, BAD, layer=layer, pooling=pooling, batch_size=2)
@@ -81,7 +88,7 @@ def test_right_padding_gives_the_same_margins(llama, tokenizer, vector, monkeypa
         expected, abs=1e-5)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all"])
 def test_direction_is_normalised_naive_mean_difference(llama, tokenizer, pooling):
     vec = MarginVector.fit(llama, tokenizer, PROMPTS, GOOD, BAD, layer=3, pooling=pooling, batch_size=2)
     diffs = torch.stack([
@@ -296,15 +303,15 @@ def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, monke
     expected = pipe.annotate(rows, num_bins=5, progress=False)
 
     calls = {"n": 0}
-    real_forward = LegendMarginPipeline.forward
+    real_forward = embed_sequences
 
-    def failing_forward(self, *args, **kwargs):
+    def failing_forward(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # interrupted in the middle of the second chunk
-        return real_forward(self, *args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(LegendMarginPipeline, "forward", failing_forward)
+    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(rows, num_bins=5, output=output, checkpoint_every=4, batch_size=2, progress=False)
     assert not output.exists() and not list(tmp_path.glob("annotated*"))
@@ -314,7 +321,7 @@ def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, monke
     calls["n"] = -100
     out = pipe.annotate(rows, num_bins=5, output=output, checkpoint_every=4, batch_size=2, resume=True,
                         progress=False)
-    assert calls["n"] == -100 + 3  # chunk 0 is not recomputed: chunks of 4 and 2 rows in batches of 2
+    assert calls["n"] == -100 + 3  # chunk 0 is not recomputed: chunks of 4 and 2 rows, 2 pairs (4 sides) a forward
     assert out["margin_raw"] == pytest.approx(expected["margin_raw"], abs=1e-6)
     assert out["margin"] == expected["margin"]
     written = [json.loads(line) for line in output.read_text().splitlines()]
@@ -324,7 +331,8 @@ def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, monke
 
 def test_resume_refuses_checkpoints_of_another_run(pipe, tmp_path, monkeypatch, llama, tokenizer):
     output = tmp_path / "a.parquet"
-    monkeypatch.setattr(LegendMarginPipeline, "forward", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(pairs(4), output=output, checkpoint_every=2, progress=False)
     monkeypatch.undo()
@@ -380,13 +388,10 @@ def test_drop_invalid_leaves_out_bad_rows_and_names_them(pipe, tmp_path):
 
 
 def test_non_finite_margins_are_an_error(pipe, monkeypatch):
-    real_forward = LegendMarginPipeline.forward
+    def overflowing(*args, **kwargs):
+        return {view: states * float("inf") for view, states in embed_sequences(*args, **kwargs).items()}
 
-    def overflowing(self, *args, **kwargs):
-        out = real_forward(self, *args, **kwargs)
-        return {"margin_raw": out["margin_raw"] * float("inf")}
-
-    monkeypatch.setattr(LegendMarginPipeline, "forward", overflowing)
+    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", overflowing)
     with pytest.raises(ValueError, match=r"NaN or infinite in 3 of 3 rows \(first: \[0, 1, 2\]\)"):
         pipe.annotate(pairs(3), num_bins=None, progress=False)
 
@@ -394,15 +399,14 @@ def test_non_finite_margins_are_an_error(pipe, monkeypatch):
 def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch):
     output = tmp_path / "out.jsonl"
     calls = {"n": 0}
-    real_forward = LegendMarginPipeline.forward
 
-    def failing_forward(self, *args, **kwargs):
+    def failing_forward(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_forward(self, *args, **kwargs)
+        return embed_sequences(*args, **kwargs)
 
-    monkeypatch.setattr(LegendMarginPipeline, "forward", failing_forward)
+    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, progress=False)
     monkeypatch.undo()

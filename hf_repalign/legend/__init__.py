@@ -4,12 +4,19 @@ Example:
     >>> import hf_repalign
     >>> from hf_repalign.legend import MarginVector
     >>> from transformers import pipeline
-    >>> vec = MarginVector.induce(model, tokenizer, advbench_goals[:100])
+    >>> vec = MarginVector.induce(model, tokenizer, advbench_goals[:100])  # last token of the response, layer -1
     >>> pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=vec)
     >>> annotated = pipe.annotate(hh_rlhf, num_bins=10)  # + `margin_raw`, `margin` (read by trl.RewardTrainer)
 """
 
-from .annotate import add_margin_columns, annotate, load_preference_data, usable_rows, write_dataset
+from .annotate import (
+    add_margin_columns,
+    annotate,
+    length_diagnostics,
+    load_preference_data,
+    usable_rows,
+    write_dataset,
+)
 from .binning import equal_frequency_bins
 from .margin import margin_direction, margin_raw
 from .pipeline import LegendMarginPipeline
@@ -21,6 +28,7 @@ __all__ = [
     "add_margin_columns",
     "annotate",
     "equal_frequency_bins",
+    "length_diagnostics",
     "load_preference_data",
     "margin_direction",
     "margin_raw",

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import inspect
@@ -28,6 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import PartialState
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -36,7 +42,8 @@ from ..data_files import read_jsonl
 from ..formats import PreferenceFormatError, to_triplet
 from ..hub import atomic_write_text
 from .binning import equal_frequency_bins
-from .embedding import map_batches
+from .embedding import EMBEDDING_VERSION, response_length
+from .margin import margin_raw
 from .vector import MarginVector
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: the pipeline itself runs without it
@@ -76,11 +83,67 @@ def _load(data, drop_invalid: bool) -> tuple[Dataset, dict[int, str]]:
     invalid = invalid_rows(data, stop_at_first=not drop_invalid)
     if invalid and not drop_invalid:
         raise PreferenceFormatError(next(iter(invalid.values())))
-    rows = [row for i, row in enumerate(data) if i not in invalid]
+    kept = [i for i in range(len(data)) if i not in invalid]
     _warn_dropped(invalid, len(data))
     # Dataset.from_list keeps only row 0's keys; gather every row's columns so none is lost.
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns}), invalid
+    columns = list(dict.fromkeys(key for i in kept for key in data[i]))
+    try:
+        return Dataset.from_dict({key: [data[i].get(key) for i in kept] for key in columns}), invalid
+    except Exception as err:  # Arrow's type errors name neither the row nor the column
+        raise conversion_error([data[i] for i in kept], kept, columns) or err from err
+
+
+def _kind(value: Any) -> str:
+    """A coarse Arrow-level type: rows of one column must agree on it (None fits any)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "dict with keys " + str(sorted(value))
+    if isinstance(value, (list, tuple)):
+        kinds = {_kind(v) for v in value if v is not None}
+        return f"list of {kinds.pop() if len(kinds) == 1 else 'mixed values' if kinds else 'nothing'}"
+    return type(value).__name__
+
+
+def _surrogate_in(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, Mapping):
+        return any(_surrogate_in(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_surrogate_in(v) for v in value)
+    return False
+
+
+def conversion_error(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], columns: Sequence[str]):
+    """The first row that stops a list of dicts from becoming one Arrow table, as a :class:`PreferenceFormatError`
+    naming the row and the column (``None`` if no cause is found)."""
+    first: dict[str, tuple[int, str]] = {}
+    for index, row in zip(indices, rows):
+        for key in columns:
+            value = row.get(key)
+            if value is None:
+                continue
+            if _surrogate_in(value):
+                return PreferenceFormatError(f"row {index}, column `{key}`: the text holds a lone surrogate, which "
+                                             "is not valid Unicode.")
+            kind = _kind(value)
+            if key not in first:
+                first[key] = (index, kind)
+            elif first[key][1] != kind:
+                return PreferenceFormatError(
+                    f"row {index}, column `{key}`: {kind}, but row {first[key][0]} has {first[key][1]}; a column "
+                    "must hold one type in every row (e.g. all prompts as strings, or all as message lists)."
+                )
+    return None
 
 
 def _read_file(path: Path):
@@ -177,13 +240,66 @@ def _parts_dir(output: Path) -> Path:
     return output.with_name(f".{output.name}.parts")
 
 
-def _run_fingerprint(dataset: Dataset, vector: MarginVector, model_name: str, settings: Mapping[str, Any]) -> dict:
+def _lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+class OutputLock:
+    """An exclusive lock on one ``output`` (and its checkpoint folder): a second run on the same output fails at
+    once, in one line, instead of both writing and one result being lost. Released on exit, even on errors."""
+
+    def __init__(self, output: Path):
+        self.path = _lock_path(output)
+        self.handle = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:  # Windows: no advisory locks; runs on one output are not guarded there
+            return self
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(f"another annotate run ({holder}) is writing {self.path.name[1:-5]}; wait for it or "
+                               f"choose another `output` (lock: {self.path}).") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is None:
+            return
+        self.path.unlink(missing_ok=True)  # unlinked while still held: a waiting run then fails or retries cleanly
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _model_signature(model: torch.nn.Module) -> dict[str, str]:
+    """What about the model changes a margin: its name, dtype and architecture (the weights are too costly to hash
+    at every start; the name stands for them)."""
+    config = model.config.to_json_string(use_diff=True) if hasattr(model.config, "to_json_string") else ""
+    return {"model": str(getattr(model.config, "name_or_path", "")), "model_dtype": str(model.dtype),
+            "model_config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
+
+
+def _run_fingerprint(dataset: Dataset, vector: MarginVector, model: torch.nn.Module,
+                     settings: Mapping[str, Any]) -> dict:
+    """Everything that changes a margin: the data, the vector, the model (name, dtype, config), the embedding
+    code's version, the template / max_length / truncation and the chunk size."""
     digest = hashlib.sha256()
     fields = [f for f in PREFERENCE_FIELDS if f in dataset.column_names]
     for row in dataset.select_columns(fields):
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return {"rows": len(dataset), "data_sha256": digest.hexdigest(), "vector": vector.fingerprint(),
-            "model": model_name, **{k: _stable_repr(v) for k, v in settings.items()}}
+    fingerprint = {"rows": len(dataset), "data_sha256": digest.hexdigest(), "vector": vector.fingerprint(),
+                   "embedding_version": EMBEDDING_VERSION, **_model_signature(model),
+                   **{k: _stable_repr(v) for k, v in settings.items()}}
+    fingerprint["run"] = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint
 
 
 def _stable_repr(value: Any) -> str:
@@ -205,7 +321,7 @@ def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialS
         if parts.is_dir() and resume and manifest.is_file():
             found = json.loads(manifest.read_text())
             if found != fingerprint:
-                changed = sorted(k for k in fingerprint if found.get(k) != fingerprint[k])
+                changed = sorted(k for k in fingerprint if k != "run" and found.get(k) != fingerprint[k])
                 raise ValueError(
                     f"resume=True but the checkpoints in {parts} come from a different run (differs in {changed}); "
                     "rerun with resume=False to start over."
@@ -218,8 +334,8 @@ def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialS
     state.wait_for_everyone()
 
 
-def _read_chunk(path: Path, start: int, stop: int) -> dict:
-    """A finished chunk's checkpoint, checked against the rows it must cover."""
+def _read_chunk(path: Path, start: int, stop: int, run: str) -> dict:
+    """A finished chunk's checkpoint, checked against the rows it must cover and the run that must have made it."""
     try:
         saved = json.loads(path.read_text())
         ok = (saved["start"], saved["stop"]) == (start, stop) and len(saved["margin_raw"]) == stop - start
@@ -228,6 +344,10 @@ def _read_chunk(path: Path, start: int, stop: int) -> dict:
     if not ok:
         raise ValueError(f"resume=True: the checkpoint {path} does not hold rows {start}-{stop - 1}; it is damaged. "
                          "Delete it (that chunk is recomputed) or rerun with resume=False.")
+    if saved.get("run") != run:
+        raise ValueError(f"resume=True: the checkpoint {path} was written by another run (run {saved.get('run')!r}, "
+                         f"this run {run!r}: other data, vector, model, dtype or settings). Delete it (that chunk "
+                         "is recomputed) or rerun with resume=False.")
     return saved
 
 
@@ -267,8 +387,9 @@ def annotate_with(
     checkpoint_every: int = 512,
     progress: bool = True,
     drop_invalid: bool = False,
+    with_diagnostics: bool = False,
     **call_kwargs,
-) -> Dataset:
+) -> Dataset | tuple[Dataset, dict[str, Any]]:
     """Annotate ``data`` with ``pipe`` (a :class:`LegendMarginPipeline`).
 
     Returns the dataset with every input column in the original order plus ``margin_raw`` (float) and ``margin``:
@@ -278,6 +399,11 @@ def annotate_with(
     Rows that are not valid preference pairs are an error naming the row and field, unless ``drop_invalid=True``:
     then they are left out of the result, counted in a warning and listed (original indices) in
     ``pipe.last_dropped_rows``. Margins that come out NaN or infinite (e.g. float16 overflow) are an error.
+
+    ``batch_size`` counts pairs; a forward takes ``2 * batch_size`` sides of similar length. The length diagnostic
+    (:func:`length_diagnostics`: how far ``margin_raw`` just follows the response-length difference) is logged,
+    kept in ``pipe.last_diagnostics``, and returned as ``(dataset, diagnostics)`` with ``with_diagnostics=True``.
+    With ``output=``, the output holds an exclusive lock for the whole run (a second run on it fails at once).
     """
     if num_bins is not None and (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1):
         raise ValueError(f"`num_bins` must be a positive integer or None, got {num_bins!r}.")
@@ -287,6 +413,25 @@ def annotate_with(
         raise ValueError("resume=True needs `output`: checkpoints are kept next to the output file.")
     if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"`output`: unsupported suffix in {output}; use one of {OUTPUT_SUFFIXES}.")
+    state = distributed_state()
+    lock = OutputLock(Path(output)) if output is not None and state.is_main_process else contextlib.nullcontext()
+    with lock:
+        dataset, margins, lengths = _annotate_rows(pipe, data, output, resume, batch_size, window, checkpoint_every,
+                                                   progress, drop_invalid, state, call_kwargs)
+        annotated = add_margin_columns(dataset, margins, num_bins)
+        if output is not None:
+            if state.is_main_process:
+                write_dataset(annotated, output)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                shutil.rmtree(_parts_dir(Path(output)), ignore_errors=True)
+    pipe.last_diagnostics = length_diagnostics(margins, lengths)
+    return (annotated, pipe.last_diagnostics) if with_diagnostics else annotated
+
+
+def _annotate_rows(pipe, data, output, resume, batch_size, window, checkpoint_every, progress, drop_invalid, state,
+                   call_kwargs):
+    """``(dataset, margin_raw per row, response-length difference per row)``, gathered over all processes."""
     dataset, dropped = _load(data, drop_invalid)
     pipe.last_dropped_rows = sorted(dropped)
     preprocess_params, forward_params, _ = pipe._sanitize_parameters(**call_kwargs)
@@ -296,18 +441,19 @@ def annotate_with(
     if vector is None:
         raise ValueError("no `margin_vector`: pass one to pipeline(...) or to annotate(...).")
     batch_size = batch_size or pipe._batch_size or 8
+    view = (vector.layer, vector.pooling)
 
-    state = distributed_state()
     n = len(dataset)
     chunks = [(start, min(start + checkpoint_every, n)) for start in range(0, n, checkpoint_every)]
     with state.split_between_processes(list(range(len(chunks)))) as mine:
         mine = list(mine)
-    parts = None
+    parts, run = None, None
     if output is not None:
         parts = _parts_dir(Path(output))
         settings = {"chunk": checkpoint_every, **{k: v for k, v in preprocess_params.items() if k != "margin_vector"}}
-        _prepare_parts(parts, _run_fingerprint(dataset, vector, str(pipe.model.config.name_or_path), settings),
-                       resume, state)
+        fingerprint = _run_fingerprint(dataset, vector, pipe.model, settings)
+        run = fingerprint["run"]
+        _prepare_parts(parts, fingerprint, resume, state)
 
     def chunk_file(index: int) -> Path:
         return parts / f"chunk-{index:06d}.json"
@@ -332,21 +478,25 @@ def annotate_with(
         for c in mine:
             start, stop = chunks[c]
             if c not in encoded:
-                saved = _read_chunk(chunk_file(c), start, stop)
-                results.append((c, saved["margin_raw"], saved["truncated_rows"]))
+                saved = _read_chunk(chunk_file(c), start, stop, run)
+                results.append((c, saved["margin_raw"], saved["truncated_rows"], saved["length_diff"]))
                 bar.update(stop - start)
                 continue
             pairs = encoded.pop(c)
+            items = [item for item, _ in pairs]
             truncated = [start + i for i, (_, sides) in enumerate(pairs) if sides]
-            margins = map_batches([item for item, _ in pairs], lambda b: pipe.forward(b, **forward_params)["margin_raw"],
-                                  pipe.tokenizer, batch_size, window, bar).tolist()
+            lengths = [response_length(item, "chosen") - response_length(item, "rejected") for item in items]
+            embedded = pipe.embed_items(items, [view], batch_size, window, bar)[view]
+            margins = margin_raw(embedded[:, 0], embedded[:, 1], vector.direction).tolist()
             if parts is not None:
-                atomic_write_text(chunk_file(c), json.dumps({"start": start, "stop": stop, "margin_raw": margins,
-                                                             "truncated_rows": truncated}))
-            results.append((c, margins, truncated))
+                atomic_write_text(chunk_file(c), json.dumps({
+                    "run": run, "start": start, "stop": stop, "margin_raw": margins, "truncated_rows": truncated,
+                    "length_diff": lengths}))
+            results.append((c, margins, truncated, lengths))
     gathered = sorted(gather_object(results), key=lambda r: r[0])
-    margins = [m for _, chunk_margins, _ in gathered for m in chunk_margins]
-    truncated = [row for _, _, rows in gathered for row in rows]
+    margins = [m for _, chunk_margins, _, _ in gathered for m in chunk_margins]
+    truncated = [row for _, _, rows, _ in gathered for row in rows]
+    lengths = [d for _, _, _, chunk_lengths in gathered for d in chunk_lengths]
     if len(margins) != n:
         raise RuntimeError(f"gathered {len(margins)} margins for {n} rows; the processes disagree on the data.")
     not_finite = [i for i, m in enumerate(margins) if not math.isfinite(m)]
@@ -361,14 +511,55 @@ def annotate_with(
             f"cut the prompt from the left in {len(truncated)} of {n} rows to fit max_length (truncation='left'); "
             f"first rows: {truncated[:10]}."
         )
-    annotated = add_margin_columns(dataset, margins, num_bins)
-    if output is not None:
-        if state.is_main_process:
-            write_dataset(annotated, output)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shutil.rmtree(parts, ignore_errors=True)
-    return annotated
+    return dataset, margins, lengths
+
+
+LENGTH_WARNING = 0.5  # |Spearman rho| above which the length difference is said to dominate the margins
+LENGTH_WARNING_MIN_PAIRS = 20  # below this a rank correlation says little
+
+
+def length_diagnostics(margins: Sequence[float], length_diff: Sequence[float]) -> dict[str, Any]:
+    """How far ``margin_raw`` follows the response-length difference (chosen minus rejected, in tokens).
+
+    Returns ``{"pairs", "pearson_margin_vs_length_diff", "spearman_margin_vs_length_diff",
+    "length_dominates"}`` (correlations are None for fewer than 3 pairs or constant inputs), logs it, and warns
+    when ``|spearman| >= 0.5`` over at least 20 pairs: then "the shorter response is safer" explains much of what the margins say, and
+    a length-only baseline should be compared before trusting them.
+    """
+    out: dict[str, Any] = {"pairs": len(margins), "pearson_margin_vs_length_diff": None,
+                           "spearman_margin_vs_length_diff": None, "length_dominates": False}
+    if len(margins) >= 3:
+        x = torch.tensor(list(margins), dtype=torch.float64)
+        y = torch.tensor(list(length_diff), dtype=torch.float64)
+        out["pearson_margin_vs_length_diff"] = _pearson(x, y)
+        out["spearman_margin_vs_length_diff"] = _pearson(_ranks(x), _ranks(y))
+    rho = out["spearman_margin_vs_length_diff"]
+    if rho is not None and abs(rho) >= LENGTH_WARNING and len(margins) >= LENGTH_WARNING_MIN_PAIRS:
+        out["length_dominates"] = True
+        logger.warning(
+            f"margin_raw follows the response-length difference (Spearman {rho:+.2f} over {len(margins)} pairs): "
+            "the margins may mostly say which response is shorter. Compare them with a length-only baseline "
+            "before using them (see docs/legend.md)."
+        )
+    else:
+        logger.info(f"length diagnostic: {out}")
+    return out
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank), as Spearman's correlation needs."""
+    ordered, order = values.sort(stable=True)
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(values)
+    ranks[order] = (starts + (counts - 1) / 2).to(values.dtype)[inverse]
+    return ranks
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = float(x.norm() * y.norm())
+    return None if denominator == 0 else round(float(x @ y) / denominator, 6)
 
 
 def add_margin_columns(dataset: Dataset, margins: Sequence[float], num_bins: int | None) -> Dataset:
@@ -383,7 +574,7 @@ def add_margin_columns(dataset: Dataset, margins: Sequence[float], num_bins: int
 
 def annotate(
     data: Dataset | Sequence[Mapping[str, Any]] | str | os.PathLike,
-    margin_vector: MarginVector,
+    margin_vector: MarginVector | str | os.PathLike,
     model: Any = None,
     tokenizer: Any = None,
     num_bins: int | None = 10,
@@ -397,6 +588,7 @@ def annotate(
     ``model`` is a loaded model (give ``tokenizer`` too), a path / Hub id, or ``None`` for the embedded model;
     ``dtype`` applies when it is loaded here (e.g. ``"bfloat16"``). Under ``accelerate launch`` each process runs
     on its own device.
+    ``margin_vector`` is a :class:`MarginVector` or its folder / Hub repo id.
     """
     from transformers import pipeline
 
@@ -412,6 +604,8 @@ def annotate(
     if device is None:
         device = state.device if state.num_processes > 1 else model.device
     model.to(device)
+    if isinstance(margin_vector, (str, os.PathLike)):
+        margin_vector = MarginVector.from_pretrained(margin_vector)
     pipe = pipeline("legend-margin", model=model, tokenizer=tokenizer, margin_vector=margin_vector,
                     batch_size=batch_size, device=device)
     return pipe.annotate(data, num_bins=num_bins, **kwargs)

@@ -1,30 +1,45 @@
 """Batched embeddings of (prompt, response) pairs, shared by vector fitting and the margin pipeline.
 
 A preference triplet becomes two token sequences, ``prompt + chosen`` and ``prompt + rejected``, stored compactly
-(int32 ids plus lengths; ``annotate`` encodes a whole shard up front so bad rows fail before any forward). Batches
-build the attention and response masks, and stack both sides into one forward that stops at the requested layer.
+(int32 ids plus three lengths: the whole sequence, the prompt, and the end of the response text before the
+template's closing tokens). ``annotate`` encodes a whole chunk up front so bad rows fail before any forward.
+
+Forwards run on *sequences*, not pairs: every side is sorted by its own length, batched, right-padded and run
+without an attention mask. That is exact for a causal model (a real token never attends to the padding after it,
+and positions count from 0 either way) and lets SDPA use its fused causal kernel instead of a masked one.
+
+Poolings (``emb(prompt, response)``):
+
+- ``"last"`` (default, the authors'): the hidden state at the last token of the response text itself;
+- ``"mean"``: the mean over the response text's tokens;
+- ``"mean_all"`` (the authors' mean): the mean over every token of prompt + response text;
+- ``"last_rendered"``: the last token of the whole rendered text, i.e. the template's closing token (``"\\n"``
+  after ``<|im_end|>`` for ChatML); what ``"last"`` meant before version 0.2, kept for old vectors.
 
 Example:
-    >>> from hf_repalign.legend.embedding import encode_triplet, pair_embeddings
-    >>> item, truncated = encode_triplet(tokenizer, triplet)
-    >>> chosen, rejected = pair_embeddings(model, item, layer=-1, pooling="last")  # (1, H) each
+    >>> from hf_repalign.legend.embedding import encode_triplets, embed_pairs
+    >>> items = [item for item, _ in encode_triplets(tokenizer, triplets)]
+    >>> out = embed_pairs(model, items, views=[(-1, "last")], batch_size=8)  # {(-1, "last"): (N, 2, H)}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers.pipelines.base import pad_collate_fn
 
-from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_many
-from ..hidden import hidden_states_at, pool_last, pool_mean, resolve_layers
+from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_spans, normalize_triplet
+from ..hidden import hidden_states_at, resolve_layers
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "mean_all", "last_rendered")
 TRUNCATIONS = ("error", "left")
 SIDES = ("chosen", "rejected")
+# Bump when the text or the pooling of an embedding changes, so checkpoints of older runs are not mixed in.
+EMBEDDING_VERSION = 2
+
+View = tuple[int, str]  # (hidden-state index, pooling)
 
 
 def check_pooling(pooling: str) -> str:
@@ -63,9 +78,10 @@ def encode_triplet(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Token tensors of both sides of a triplet and how many sides were truncated.
 
-    Keys, for side in chosen/rejected: ``{side}_input_ids`` (``(1, T)`` int32), ``{side}_length`` and
-    ``{side}_prompt_length`` (``(1,)``). Masks are built per batch from the lengths, so a whole encoded dataset
-    costs 4 bytes a token.
+    Keys, for side in chosen/rejected: ``{side}_input_ids`` (``(1, T)`` int32), ``{side}_length``,
+    ``{side}_prompt_length`` and ``{side}_response_end`` (``(1,)``; the response text is
+    ``[prompt_length, response_end)``, the template tail ``[response_end, length)``). Whitespace is normalised
+    first (:func:`hf_repalign.formats.normalize_triplet`).
     """
     return encode_triplets(tokenizer, [triplet], template, max_length, truncation, None if row is None else [row])[0]
 
@@ -78,48 +94,88 @@ def encode_triplets(
     truncation: str = "error",
     rows: Sequence[int] | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], int]]:
-    """:func:`encode_triplet` over many triplets, tokenized in two batched calls; errors name ``rows[i]``."""
+    """:func:`encode_triplet` over many triplets, tokenized in three batched calls; errors name ``rows[i]``."""
+    triplets = [normalize_triplet(t) for t in triplets]
     groups = [(t.prompt, (t.chosen, t.rejected)) for t in triplets]
     encoded = []
-    for i, (prompt_ids, responses) in enumerate(encode_many(tokenizer, groups, template, rows)):
+    for i, (prompt_ids, responses) in enumerate(encode_spans(tokenizer, groups, template, rows)):
         row = None if rows is None else rows[i]
         item: dict[str, torch.Tensor] = {}
         truncated = 0
-        for side, response_ids in zip(SIDES, responses):
+        for side, (body_ids, tail_ids) in zip(SIDES, responses):
             where = f"row {row}, field `{side}`" if row is not None else f"field `{side}`"
-            ids, n_prompt, cut = _fit_length(prompt_ids + response_ids, len(prompt_ids), max_length, truncation,
-                                             where)
+            if not body_ids:
+                raise PreferenceFormatError(f"{where}: the response has no tokens.")
+            ids, n_prompt, cut = _fit_length(prompt_ids + body_ids + tail_ids, len(prompt_ids), max_length,
+                                             truncation, where)
             truncated += int(cut)
             item[f"{side}_input_ids"] = torch.tensor([ids], dtype=torch.int32)
             item[f"{side}_length"] = torch.tensor([len(ids)])
             item[f"{side}_prompt_length"] = torch.tensor([n_prompt])
+            item[f"{side}_response_end"] = torch.tensor([len(ids) - len(tail_ids)])
         encoded.append((item, truncated))
     return encoded
 
 
-def item_length(item: dict[str, torch.Tensor]) -> int:
-    return max(item[f"{side}_input_ids"].shape[1] for side in SIDES)
+def response_length(item: dict[str, torch.Tensor], side: str) -> int:
+    """Tokens of the response text of one side (template tail excluded)."""
+    return int(item[f"{side}_response_end"].reshape(-1)[0] - item[f"{side}_prompt_length"].reshape(-1)[0])
 
 
-def _padded_side(batch: dict[str, torch.Tensor], side: str, width: int, padding_side: str):
-    """``(input_ids, attention_mask, response_mask)`` of one side, ``(B, width)``, padded on ``padding_side``.
+def pooling_span(pooling: str, length: int, prompt_length: int, response_end: int) -> tuple[int, int]:
+    """``[start, stop)`` of the positions averaged by ``pooling`` (a single position for the "last" kinds)."""
+    if pooling == "last":
+        return response_end - 1, response_end
+    if pooling == "mean":
+        return prompt_length, response_end
+    if pooling == "mean_all":
+        return 0, response_end
+    if pooling == "last_rendered":
+        return length - 1, length
+    raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
 
-    ``{side}_input_ids`` may already be padded (by the pipeline's collator, on the same side) to any width up to
-    ``width``; the real tokens are located from ``{side}_length``.
-    """
+
+def _sequences(batch: dict[str, torch.Tensor], side: str, padding_side: str) -> list[tuple]:
+    """The real (unpadded) sequences of one side of a batch that may have been padded on ``padding_side``."""
     ids = batch[f"{side}_input_ids"]
-    lengths = batch[f"{side}_length"].reshape(-1, 1).to(ids.device)
-    prompt = batch[f"{side}_prompt_length"].reshape(-1, 1).to(ids.device)
-    extra = width - ids.shape[1]
-    if extra:
-        pad = ids.new_zeros((ids.shape[0], extra))
-        ids = torch.cat([pad, ids] if padding_side == "left" else [ids, pad], dim=1)
-    positions = torch.arange(width, device=ids.device).unsqueeze(0)
-    start = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
-    offset = positions - start  # position within the sequence; < 0 or >= length is padding
-    attention = (offset >= 0) & (offset < lengths)
-    response = attention & (offset >= prompt)
-    return ids.long(), attention.long(), response.long()
+    lengths = batch[f"{side}_length"].reshape(-1).tolist()
+    prompts = batch[f"{side}_prompt_length"].reshape(-1).tolist()
+    ends = batch[f"{side}_response_end"].reshape(-1).tolist()
+    out = []
+    for b, (n, p, e) in enumerate(zip(lengths, prompts, ends)):
+        row = ids[b, ids.shape[1] - n:] if padding_side == "left" else ids[b, :n]
+        out.append((row, n, p, e))
+    return out
+
+
+def embed_sequences(
+    model: torch.nn.Module, sequences: Sequence[tuple], views: Sequence[View]
+) -> dict[View, torch.Tensor]:
+    """``{(layer, pooling): (B, H) float32}`` for sequences ``(ids, length, prompt_length, response_end)``.
+
+    One forward: right padding, no attention mask (exact for a causal model, see the module docstring).
+    """
+    width = max(s[1] for s in sequences)
+    device = model.device
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, (ids, n, _, _) in enumerate(sequences):
+        input_ids[b, :n] = ids[:n]
+    layers = sorted({index for index, _ in views})
+    hidden = hidden_states_at(model, input_ids.to(device), torch.ones_like(input_ids, device=device), layers=layers)
+    out = {}
+    for index, pooling in views:
+        weights = torch.zeros((len(sequences), width), dtype=torch.float32)
+        for b, (_, n, p, e) in enumerate(sequences):
+            start, stop = pooling_span(pooling, n, p, e)
+            weights[b, start:stop] = 1.0 / (stop - start)
+        states = hidden[index].float()
+        out[(index, pooling)] = torch.einsum("bt,bth->bh", weights.to(states.device), states)
+    return out
+
+
+def resolve_views(model: torch.nn.Module, views: Sequence[View]) -> list[View]:
+    """Views with layers as non-negative hidden-state indices, poolings checked; order and duplicates kept."""
+    return [(resolve_layers(model, layer)[0], check_pooling(pooling)) for layer, pooling in views]
 
 
 def pair_embeddings(
@@ -129,34 +185,23 @@ def pair_embeddings(
     pooling: str = "last",
     padding_side: str = "left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(emb(prompt, chosen), emb(prompt, rejected))``, each ``(B, H)`` float32, from one stacked forward.
+    """``(emb(prompt, chosen), emb(prompt, rejected))``, each ``(B, H)`` float32, from one forward of all sides.
 
-    The embedding is the hidden state at ``layer`` (``output_hidden_states`` index) at the last non-pad token
-    (``pooling="last"``) or averaged over the response tokens (``"mean"``).
+    ``batch`` holds encoded pairs, possibly padded (by the pipeline's collator) on ``padding_side``.
     """
-    check_pooling(pooling)
-    width = max(batch[f"{side}_input_ids"].shape[1] for side in SIDES)
-    input_ids, attention_mask, response_mask = (
-        torch.cat(parts) for parts in zip(*(_padded_side(batch, side, width, padding_side) for side in SIDES))
-    )
-    index = resolve_layers(model, layer)[0]
-    hidden = hidden_states_at(model, input_ids, attention_mask, layers=[index])[index]
-    if pooling == "last":
-        pooled = pool_last(hidden, attention_mask)
-    else:
-        pooled = pool_mean(hidden, response_mask)
-    chosen, rejected = pooled.float().chunk(2)
+    view = resolve_views(model, [(layer, pooling)])[0]
+    sequences = _sequences(batch, "chosen", padding_side) + _sequences(batch, "rejected", padding_side)
+    pooled = embed_sequences(model, sequences, [view])[view]
+    chosen, rejected = pooled.chunk(2)
     return chosen, rejected
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, window: int | None = None) -> list[list[int]]:
-    """Index batches: within each window of consecutive items, longest first, so batches pad little.
-
-    Windows keep memory and ordering local (a checkpointed chunk stays a contiguous run of rows).
-    """
+def sequence_batches(lengths: Sequence[int], batch_size: int, window: int | None = None) -> list[list[int]]:
+    """Index batches of at most ``batch_size`` sequences, longest first within each window of consecutive items,
+    so batches pad little. Windows keep memory and ordering local."""
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    window = window or 64 * batch_size
+    window = window or len(lengths) or 1
     batches = []
     for start in range(0, len(lengths), window):
         indices = sorted(range(start, min(start + window, len(lengths))), key=lambda i: (-lengths[i], i))
@@ -164,24 +209,38 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, window: int |
     return batches
 
 
-def map_batches(
+def embed_pairs(
+    model: torch.nn.Module,
     items: Sequence[dict[str, torch.Tensor]],
-    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    tokenizer: Any,
-    batch_size: int,
+    views: Sequence[View],
+    batch_size: int = 8,
     window: int | None = None,
     progress: tqdm | None = None,
-) -> torch.Tensor:
-    """``fn`` over length-sorted padded batches of ``items``; rows of the result are back in input order."""
-    collate = pad_collate_fn(tokenizer, None)
-    results: list[torch.Tensor | None] = [None] * len(items)
-    for indices in length_sorted_batches([item_length(item) for item in items], batch_size, window):
-        batch = collate([items[i] for i in indices]) if len(indices) > 1 else items[indices[0]]
-        out = fn(batch)
-        for position, i in enumerate(indices):
-            results[i] = out[position]
+    forward=None,
+) -> dict[View, torch.Tensor]:
+    """``{view: (N, 2, H)}``: both sides' embeddings of every encoded pair, in input order.
+
+    ``batch_size`` counts pairs: a forward takes ``2 * batch_size`` sequences of similar length (each side is
+    sorted by its own length, within windows of ``window`` pairs). ``forward(sequences, views)`` replaces
+    :func:`embed_sequences` (the pipeline passes its own, which runs under its device and inference context).
+    ``views`` use the layers given (negative indices allowed); the result is keyed by them as given.
+    """
+    resolved = resolve_views(model, views)
+    forward = forward or (lambda seqs, vs: embed_sequences(model, seqs, vs))
+    sequences = [seq for item in items for side in SIDES for seq in _sequences(item, side, "right")]
+    results: dict[View, torch.Tensor | None] = {view: None for view in views}
+    done = [0] * len(items)
+    window_sequences = 2 * window if window else None
+    for indices in sequence_batches([s[1] for s in sequences], 2 * batch_size, window_sequences):
+        out = forward([sequences[i] for i in indices], resolved)
+        for view, key in zip(views, resolved):
+            if results[view] is None:
+                results[view] = torch.empty((len(items), 2, out[key].shape[-1]), dtype=torch.float32)
+            results[view][[i // 2 for i in indices], [i % 2 for i in indices]] = out[key].cpu()
         if progress is not None:
-            progress.update(len(indices))
-    if not results:
-        return torch.empty(0)
-    return torch.stack(results)
+            finished = 0
+            for i in indices:
+                done[i // 2] += 1
+                finished += done[i // 2] == 2
+            progress.update(finished)
+    return {view: (value if value is not None else torch.empty((0, 2, 0))) for view, value in results.items()}

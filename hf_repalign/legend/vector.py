@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,17 +28,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..formats import Prompt, Template, prompt_prefix, to_triplet
+from ..formats import Prompt, Template, check_template, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import load_folder, push_folder, render_card, save_folder
 from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
-from .embedding import check_pooling, encode_triplets, map_batches, pair_embeddings
+from .embedding import check_pooling, embed_pairs, encode_triplets
 from .margin import margin_direction
 
 logger = logging.get_logger(__name__)
 
 FORMAT_NAME = "hf_repalign.legend.MarginVector"
 DEFAULT_REFUSAL = "I can't answer that."
+# The authors' fit (colfeng/Legend: infer.py, SMV.py): every AdvBench goal (520), greedy answers of up to 1024 new
+# tokens as the harmful side, their refusal string (with a typographic apostrophe), last token of the final layer.
+FIT_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"num_prompts": None, "max_new_tokens": 64, "refusal": DEFAULT_REFUSAL, "layer": -1,
+                "pooling": "last"},
+    "authors": {"num_prompts": None, "max_new_tokens": 1024, "refusal": "I can\u2019t answer that.", "layer": -1,
+                "pooling": "last"},
+}
+UNIT_TOLERANCE = 1e-3
 
 
 def _hidden_size(model: torch.nn.Module) -> int:
@@ -64,13 +75,12 @@ class MarginVector:
         num_hidden_layers: int | None = None,
         n_pairs: int | None = None,
     ):
-        direction = torch.as_tensor(direction, dtype=torch.float32).detach().cpu()
-        if direction.ndim != 1 or direction.numel() == 0:
-            raise ValueError(f"`direction` must be a non-empty 1-D tensor, got shape {tuple(direction.shape)}.")
-        self.direction = direction
-        self.layer = int(layer)
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ValueError(f"`layer` must be an integer hidden-state index, got {layer!r}.")
         self.pooling = check_pooling(pooling)
-        self.template = template
+        self.direction = check_direction(direction)
+        self.layer = int(layer)
+        self.template = check_template(template)
         self.model_name_or_path = model_name_or_path
         self.num_hidden_layers = num_hidden_layers
         self.n_pairs = n_pairs
@@ -111,16 +121,11 @@ class MarginVector:
         # Harmless plays "chosen" and harmful "rejected", so the checks name the row and side.
         triplets = [to_triplet({"prompt": prompt, "chosen": good, "rejected": bad}, i)
                     for i, (prompt, good, bad) in enumerate(zip(prompts, harmless_responses, harmful_responses))]
+        check_template(template)
         items = [item for item, _ in encode_triplets(tokenizer, triplets, template, rows=range(len(triplets)))]
-        side = tokenizer.padding_side
-
-        def embed(batch):
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            return torch.stack(pair_embeddings(model, batch, layer, pooling, side), dim=1).cpu()
-
         bar = tqdm(total=len(items), desc="fit margin vector", disable=not progress)
         with torch.no_grad(), bar:
-            pairs = map_batches(items, embed, tokenizer, batch_size, progress=bar)
+            pairs = embed_pairs(model, items, [(layer, pooling)], batch_size, progress=bar)[(layer, pooling)]
         direction = margin_direction(pairs[:, 0], pairs[:, 1])
         return cls(
             direction,
@@ -159,8 +164,13 @@ class MarginVector:
         return cls.fit(model, tokenizer, prompts, list(harmless_responses), list(harmful_responses), **fit_kwargs)
 
     # ----------------------------------------------------------------------------------------------- checks
-    def check_compatible(self, model: torch.nn.Module) -> int:
-        """Raise a clear error if ``model`` cannot use this vector; returns the resolved hidden-state index."""
+    def check_compatible(self, model: torch.nn.Module, check_name: bool = True) -> int:
+        """Raise a clear error if ``model`` cannot use this vector; returns the resolved hidden-state index.
+
+        A model with the right shape but another name gets a loud warning naming both (a vector measures a
+        direction in one model's hidden space; on another model its margins are noise). ``check_name=False``
+        skips that, for a vector saved together with its model (``pipe.save_pretrained``).
+        """
         size = _hidden_size(model)
         if size != self.hidden_size:
             raise ValueError(
@@ -168,12 +178,20 @@ class MarginVector:
                 f"the model {_model_name(model)!r} has hidden size {size}."
             )
         try:
-            return resolve_layers(model, self.layer)[0]
+            index = resolve_layers(model, self.layer)[0]
         except ValueError as err:
             raise ValueError(
                 f"the margin vector uses layer {self.layer} (fitted on {self.model_name_or_path!r} with "
                 f"{self.num_hidden_layers} layers), which {_model_name(model)!r} does not have: {err}"
             ) from None
+        name = _model_name(model)
+        if check_name and self.model_name_or_path and name != self.model_name_or_path:
+            logger.warning(
+                f"THE MARGIN VECTOR WAS FITTED ON ANOTHER MODEL: {self.model_name_or_path!r}, but it is used with "
+                f"{name!r}. Both have hidden size {size}, so nothing fails, but the margins are only meaningful on "
+                "the model the vector was fitted on (ignore this if both names are the same weights)."
+            )
+        return index
 
     # ----------------------------------------------------------------------------------------------- saving
     def config_dict(self) -> dict[str, Any]:
@@ -236,15 +254,34 @@ class MarginVector:
         if direction.numel() != config["hidden_size"]:
             raise ValueError(f"{path_or_repo_id}: direction has {direction.numel()} values but config.json says "
                              f"hidden_size={config['hidden_size']}.")
-        return cls(
-            direction,
-            layer=config["layer"],
-            pooling=config["pooling"],
-            template=config.get("template"),
-            model_name_or_path=config.get("model_name_or_path"),
-            num_hidden_layers=config.get("num_hidden_layers"),
-            n_pairs=config.get("n_pairs"),
-        )
+        try:
+            return cls(
+                direction,
+                layer=config["layer"],
+                pooling=config["pooling"],
+                template=config.get("template"),
+                model_name_or_path=config.get("model_name_or_path"),
+                num_hidden_layers=config.get("num_hidden_layers"),
+                n_pairs=config.get("n_pairs"),
+            )
+        except ValueError as err:
+            raise ValueError(f"{path_or_repo_id} does not hold a usable margin vector: {err}") from None
+
+
+def check_direction(direction: Any) -> torch.Tensor:
+    """A 1-D, finite, unit-norm float32 direction on the CPU, or a ValueError saying what is wrong."""
+    direction = torch.as_tensor(direction, dtype=torch.float32).detach().cpu()
+    if direction.ndim != 1 or direction.numel() == 0:
+        raise ValueError(f"`direction` must be a non-empty 1-D tensor, got shape {tuple(direction.shape)}.")
+    if not bool(torch.isfinite(direction).all()):
+        raise ValueError("`direction` holds NaN or infinite values.")
+    norm = float(direction.double().norm())
+    if norm == 0:
+        raise ValueError("`direction` is all zeros; a margin direction must be a unit vector.")
+    if not math.isclose(norm, 1.0, abs_tol=UNIT_TOLERANCE):
+        raise ValueError(f"`direction` has norm {norm:.6g}, not 1; pass direction / direction.norm() (margins are "
+                         "projections on a unit vector).")
+    return direction
 
 
 def _callable_name(template: Any) -> str:
