@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from ..cli import DType, add_command
 from ..data_files import read_jsonl
+from .presets import DEFAULT_REFUSAL, FIT_PRESETS, POOLINGS
 
 logger = logging.get_logger(__name__)
 
@@ -36,11 +37,24 @@ class FitVectorArguments:
     harmful_column: str | None = field(
         default=None, metadata={"help": "Take harmful responses from this column instead of generating them."}
     )
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (N >= 1)."})
-    refusal: str = field(default="I can't answer that.", metadata={"help": "The fixed harmless response."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated harmful responses."})
-    layer: int = field(default=-1, metadata={"help": "Hidden-state index (output_hidden_states); -1 = final norm."})
-    pooling: str = field(default="last", metadata={"help": "'last' token or 'mean' over response tokens."})
+    preset: str = field(
+        default="default", metadata={"help": "Defaults for the fields below: 'default' (64 new tokens) or 'authors' "
+                                     "(the LEGEND code: every prompt, 1024 new tokens, its refusal string); "
+                                     "explicit flags win.", "choices": list(FIT_PRESETS)}
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (default: all)."})
+    refusal: str | None = field(default=None, metadata={"help": "The fixed harmless response (default: "
+                                                        f"{DEFAULT_REFUSAL!r})."})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Length of the generated harmful responses (default 64; authors: 1024)."}
+    )
+    layer: int | None = field(default=None, metadata={"help": "Hidden-state index (output_hidden_states); default -1 "
+                                                      "= final norm."})
+    pooling: str | None = field(
+        default=None, metadata={"help": "'last' token of the response (default, the authors'), 'mean' over the "
+                                "response, 'mean_all' over prompt + response (the authors' mean), 'last_rendered'.",
+                                "choices": list(POOLINGS)}
+    )
     template: str | None = field(
         default=None, metadata={"help": "Format string with {prompt} and {response}; default: chat template."}
     )
@@ -101,12 +115,20 @@ def run_fit_vector(args: FitVectorArguments) -> int:
     from ..models import load_model_and_tokenizer
     from .vector import MarginVector
 
-    prompts, harmful = read_prompts(args.prompts, args.prompt_column, args.num_prompts, args.harmful_column)
+    from ..formats import check_template
+
+    preset = {key: getattr(args, key) if getattr(args, key) is not None else value
+              for key, value in FIT_PRESETS[args.preset].items()}
+    try:
+        check_template(args.template, "--template")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    prompts, harmful = read_prompts(args.prompts, args.prompt_column, preset["num_prompts"], args.harmful_column)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     vec = MarginVector.induce(
-        model, tokenizer, prompts, refusal=args.refusal, harmful_responses=harmful,
-        max_new_tokens=args.max_new_tokens, layer=args.layer, pooling=args.pooling, template=args.template,
-        batch_size=args.batch_size, progress=True,
+        model, tokenizer, prompts, refusal=preset["refusal"], harmful_responses=harmful,
+        max_new_tokens=preset["max_new_tokens"], layer=preset["layer"], pooling=preset["pooling"],
+        template=args.template, batch_size=args.batch_size, progress=True,
     )
     path = vec.save_pretrained(args.output)
     print(f"saved {vec} to {path}")
@@ -120,14 +142,16 @@ def run_annotate(args: AnnotateArguments) -> int:
     from .vector import MarginVector
 
     vec = MarginVector.from_pretrained(args.vector)
-    dataset = annotate(
+    dataset, diagnostics = annotate(
         args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
         batch_size=args.batch_size,
         output=args.output, resume=args.resume, checkpoint_every=args.checkpoint_every,
         max_length=args.max_length, truncation=args.truncation, drop_invalid=args.drop_invalid,
+        with_diagnostics=True,
     )
     positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
-    print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs")
+    print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs; "
+          f"length diagnostic: {diagnostics}")
     return 0
 
 

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from ..formats import PreferenceFormatError, PreferenceTriplet, Template, encode_spans, normalize_triplet
 from ..hidden import hidden_states_at, resolve_layers
+from .presets import POOLINGS
 
-POOLINGS = ("last", "mean", "mean_all", "last_rendered")
 TRUNCATIONS = ("error", "left")
 SIDES = ("chosen", "rejected")
 # Bump when the text or the pooling of an embedding changes, so checkpoints of older runs are not mixed in.

@@ -34,19 +34,11 @@ from ..hub import load_folder, push_folder, render_card, save_folder
 from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
 from .embedding import check_pooling, embed_pairs, encode_triplets
 from .margin import margin_direction
+from .presets import DEFAULT_REFUSAL, FIT_PRESETS  # noqa: F401  (FIT_PRESETS re-exported)
 
 logger = logging.get_logger(__name__)
 
 FORMAT_NAME = "hf_repalign.legend.MarginVector"
-DEFAULT_REFUSAL = "I can't answer that."
-# The authors' fit (colfeng/Legend: infer.py, SMV.py): every AdvBench goal (520), greedy answers of up to 1024 new
-# tokens as the harmful side, their refusal string (with a typographic apostrophe), last token of the final layer.
-FIT_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"num_prompts": None, "max_new_tokens": 64, "refusal": DEFAULT_REFUSAL, "layer": -1,
-                "pooling": "last"},
-    "authors": {"num_prompts": None, "max_new_tokens": 1024, "refusal": "I can\u2019t answer that.", "layer": -1,
-                "pooling": "last"},
-}
 UNIT_TOLERANCE = 1e-3
 
 
