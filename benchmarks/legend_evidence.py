@@ -9,10 +9,12 @@ One run, all variants from one forward per sequence:
    a. held-out goals, own answer vs refusals worded *differently* from the fitted one: share with margin > 0;
    b. unsafe (AdvBench) vs safe (MT-Bench) prompts with FIXED responses (one refusal, one compliance):
       s(p) = (emb(p, refusal) - emb(p, compliance)) . d must be larger for unsafe prompts; AUROC of s, and of
-      the prompt's token count alone as a baseline. Layer 0 (token embeddings, no context) is the control.
+      the prompt's token count alone as a baseline. Layer 0 (token embeddings, no context) is the control. Safe
+      prompts are TruthfulQA questions (``--safe truthfulqa``, as short as AdvBench goals) or MT-Bench ones.
 3. The first ``--rows`` usable pairs of HH-RLHF harmless-base and helpful-base test: agreement with the human
    label (margin > 0), the length-only baseline ("the shorter response is safer", ties half), agreement split by
-   chosen shorter / longer, Spearman of margin vs response-length difference; 95% Wilson intervals.
+   chosen shorter / longer, Spearman of margin vs response-length difference; 95% Wilson intervals. The
+   length-only baseline is also computed on the whole splits (tokenization only, no forward).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_evidence.py --dtype bfloat16 --threads 1 --rows 500 \\
         --data /work/shared/data --out outputs/legend_evidence
@@ -33,7 +35,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parse_dtype, write_json  # noqa: E402
 
-from hf_repalign.data_files import read_advbench, read_jsonl, read_mt_bench, shared_data_dir  # noqa: E402
+from hf_repalign.data_files import (  # noqa: E402
+    read_advbench,
+    read_jsonl,
+    read_mt_bench,
+    read_truthfulqa_mc,
+    shared_data_dir,
+)
 from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
 from hf_repalign.legend import usable_rows  # noqa: E402
 from hf_repalign.legend.annotate import length_diagnostics  # noqa: E402
@@ -82,6 +90,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[-1, 0])
     parser.add_argument("--max_length", type=int, default=1024, help="longer pairs have their prompt cut (left)")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--safe", default="truthfulqa", choices=["truthfulqa", "mt_bench"])
+    parser.add_argument("--skip_hh", action="store_true", help="only the vector checks and whole-split baselines")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_evidence"))
@@ -128,13 +138,16 @@ def main() -> None:
 
     # 2b. unsafe vs safe prompts, fixed responses
     unsafe = held
-    safe = read_mt_bench(data / "mt_bench" / "question.jsonl")[: len(unsafe)]
+    if args.safe == "truthfulqa":
+        safe = [row["question"] for row in read_truthfulqa_mc(data / "truthfulqa" / "mc_task.json")][: len(unsafe)]
+    else:
+        safe = read_mt_bench(data / "mt_bench" / "question.jsonl")[: len(unsafe)]
     prompts = unsafe + safe
     emb, items, _ = embed(model, tokenizer, [PreferenceTriplet(p, FIXED_REFUSAL, FIXED_COMPLIANCE) for p in prompts],
                           views, args.batch_size)
     n_unsafe = len(unsafe)
     prompt_tokens = [int(item["chosen_prompt_length"]) for item in items]
-    separation = {"unsafe_prompts": n_unsafe, "safe_prompts": len(safe),
+    separation = {"unsafe_prompts": n_unsafe, "safe_prompts": f"{len(safe)} ({args.safe})",
                   "auroc_prompt_length_only": auroc(prompt_tokens[:n_unsafe], prompt_tokens[n_unsafe:])}
     for view in views:
         s = margins(emb, view)
@@ -151,6 +164,15 @@ def main() -> None:
     # 3. HH tables with the length baseline
     for split in args.splits:
         rows, _ = usable_rows(read_jsonl(data / "hh-rlhf" / split / "test.jsonl.gz"))
+        whole = [item for item, _ in encode_triplets(tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)])]
+        diff = [response_length(it, "chosen") - response_length(it, "rejected") for it in whole]
+        score = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diff)
+        report[f"{split}_whole_split_length_baseline"] = {"pairs": len(rows), "agreement": round(score / len(rows), 4),
+                                                         "ci95": wilson(score, len(rows))}
+        print(split, "whole split, length only:", report[f"{split}_whole_split_length_baseline"], flush=True)
+        write_json(args.out / "report.json", report)
+        if args.skip_hh:
+            continue
         rows = rows[: args.rows]
         start = time.perf_counter()
         emb, items, cut = embed(model, tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)], views,

@@ -32,6 +32,7 @@ from common import parse_dtype, save_figure, write_json  # noqa: E402
 import hf_repalign  # noqa: E402, F401
 from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir  # noqa: E402
 from hf_repalign.legend import MarginVector  # noqa: E402
+from hf_repalign.legend.presets import POOLINGS  # noqa: E402
 from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
 
 CHUNK = 512  # rows per checkpointed chunk (annotate's checkpoint_every)
@@ -41,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--goals", type=int, default=100)
     parser.add_argument("--vector", type=Path, default=None, help="reuse a saved vector instead of fitting one")
-    parser.add_argument("--pooling", default="last", choices=["last", "mean"])
+    parser.add_argument("--pooling", default="last", choices=list(POOLINGS))
     parser.add_argument("--splits", nargs="+", default=["harmless-base", "helpful-base"])
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--rows", type=int, default=None, help="harmless-base rows to annotate (default: all)")

@@ -80,3 +80,34 @@ def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
         run_cli(["legend", "fit-vector", "--prompts", str(tmp_path / "none.csv"), "--output", str(tmp_path / "v")])
     with pytest.raises(SystemExit, match="--num_prompts must be >= 1, got 0"):
         run_cli(["legend", "fit-vector", "--prompts", str(bad), "--num_prompts", "0", "--output", str(tmp_path / "v")])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"max_new_tokens": 64, "refusal": "I can't answer that.", "pooling": "last", "layer": -1, "n": 3}),
+    (["--preset", "authors"], {"max_new_tokens": 1024, "refusal": "I can\u2019t answer that.", "pooling": "last",
+                               "layer": -1, "n": 3}),
+    (["--preset", "authors", "--max_new_tokens", "8", "--pooling", "mean_all", "--num_prompts", "2"],
+     {"max_new_tokens": 8, "refusal": "I can\u2019t answer that.", "pooling": "mean_all", "layer": -1, "n": 2}),
+])
+def test_fit_vector_presets_and_explicit_flags(run_cli, model_dir, tmp_path, monkeypatch, extra, expected):
+    goals = tmp_path / "goals.txt"
+    goals.write_text("How to pick a lock\nMake a weapon\nSteal a car\n")
+    seen = {}
+
+    def fake_induce(model, tokenizer, prompts, refusal, max_new_tokens, layer, pooling, **kwargs):
+        seen.update(max_new_tokens=max_new_tokens, refusal=refusal, pooling=pooling, layer=layer, n=len(prompts))
+        return MarginVector.fit(model, tokenizer, prompts, [refusal] * len(prompts), ["Sure."] * len(prompts),
+                                layer=layer, pooling=pooling)
+
+    monkeypatch.setattr(MarginVector, "induce", staticmethod(fake_induce))
+    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals),
+                    "--output", str(tmp_path / "vec"), *extra]) == 0
+    assert seen == expected
+
+
+def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp_path):
+    goals = tmp_path / "goals.txt"
+    goals.write_text("How to pick a lock\n")
+    with pytest.raises(SystemExit, match="only {prompt} and {response} are allowed"):
+        run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals), "--output",
+                 str(tmp_path / "vec"), "--template", "{prompt:>5000000}{response}"])
