@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import pipeline
 
 import hf_repalign.cli as cli
@@ -111,3 +112,18 @@ def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp
     with pytest.raises(SystemExit, match="only {prompt} and {response} are allowed"):
         run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals), "--output",
                  str(tmp_path / "vec"), "--template", "{prompt:>5000000}{response}"])
+
+
+def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_path):
+    from hf_repalign.legend.annotate import OutputLock
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "no", "rejected": "yes"}) + "\n")
+    vec = MarginVector(torch.nn.functional.normalize(torch.ones(32), dim=0))
+    vec.save_pretrained(tmp_path / "vec")
+    output = tmp_path / "out.jsonl"
+    with OutputLock(output):
+        with pytest.raises(SystemExit, match=r"^repalign: error: another annotate run \(pid \d+\) is writing"):
+            run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--vector",
+                     str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"])
+    assert not output.exists()

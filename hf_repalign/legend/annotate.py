@@ -244,6 +244,10 @@ def _lock_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+class OutputLockedError(RuntimeError):
+    """Another annotate run holds the lock on the same output."""
+
+
 class OutputLock:
     """An exclusive lock on one ``output`` (and its checkpoint folder): a second run on the same output fails at
     once, in one line, instead of both writing and one result being lost. Released on exit, even on errors."""
@@ -263,7 +267,7 @@ class OutputLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RuntimeError(f"another annotate run ({holder}) is writing {self.path.name[1:-5]}; wait for it or "
+            raise OutputLockedError(f"another annotate run ({holder}) is writing {self.path.name[1:-5]}; wait for it or "
                                f"choose another `output` (lock: {self.path}).") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}")

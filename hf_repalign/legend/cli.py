@@ -138,17 +138,19 @@ def run_fit_vector(args: FitVectorArguments) -> int:
 
 
 def run_annotate(args: AnnotateArguments) -> int:
-    from .annotate import annotate
+    from .annotate import OutputLockedError, annotate
     from .vector import MarginVector
 
     vec = MarginVector.from_pretrained(args.vector)
-    dataset, diagnostics = annotate(
-        args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
-        batch_size=args.batch_size,
-        output=args.output, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        max_length=args.max_length, truncation=args.truncation, drop_invalid=args.drop_invalid,
-        with_diagnostics=True,
-    )
+    try:
+        dataset, diagnostics = annotate(
+            args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
+            batch_size=args.batch_size, output=args.output, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, max_length=args.max_length, truncation=args.truncation,
+            drop_invalid=args.drop_invalid, with_diagnostics=True,
+        )
+    except OutputLockedError as err:  # a second run on the same output: one line, no traceback
+        raise SystemExit(f"repalign: error: {err}") from None
     positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
     print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs; "
           f"length diagnostic: {diagnostics}")
