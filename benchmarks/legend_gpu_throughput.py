@@ -2,8 +2,8 @@
 
 A random-weight Llama-2-7B-shaped model in bf16; 2,000 pairs whose prompt + response are 200 to 600 tokens. We
 time the same code ``annotate`` runs (every side sorted by its own length, right-padded batches without a mask,
-early exit at the requested layer) and, in the same run, the raw decoder forward over the same number of tokens in unpadded
-512-token sequences. Target: annotate >= 80% of the raw forward's token throughput.
+early exit at the requested layer) and, in the same run, the raw decoder forward over the same number of tokens in
+unpadded 512-token sequences. Target: annotate >= 80% of the raw forward's token throughput.
 
 Needs only torch, transformers, peft/accelerate and hf_repalign (no trl/datasets):
 

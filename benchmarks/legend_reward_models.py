@@ -47,7 +47,8 @@ def fitting_rows(data: Path, tokenizer, max_length: int) -> tuple[list[dict], in
     rows, _ = usable_rows(read_jsonl(data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
     lengths = {k: [len(ids) for ids in tokenizer([r[k] for r in rows])["input_ids"]] for k in ("chosen", "rejected")}
     # TRL appends an EOS token before its own length filter: leave room for it so no pair is dropped there.
-    return [r for i, r in enumerate(rows) if max(lengths["chosen"][i], lengths["rejected"][i]) < max_length - 1], len(rows)
+    fits = [r for i, r in enumerate(rows) if max(lengths["chosen"][i], lengths["rejected"][i]) < max_length - 1]
+    return fits, len(rows)
 
 
 def load_vector(args) -> MarginVector:

@@ -80,3 +80,24 @@ def scit_adapter(tmp_path, tokenizer) -> str:
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), config).save_pretrained(str(tmp_path / "scit"))
     return str(tmp_path / "scit")
+
+
+@pytest.fixture
+def interrupt_legend_forward(monkeypatch):
+    """``interrupt_legend_forward(n)``: the n-th LEGEND forward raises KeyboardInterrupt (an interrupted
+    ``annotate`` run); returns the call counter. ``monkeypatch.undo()`` restores the real forward."""
+    from hf_repalign.legend.embedding import embed_sequences
+
+    def arm(at: int) -> dict:
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt
+            return embed_sequences(*args, **kwargs)
+
+        monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing)
+        return calls
+
+    return arm

@@ -297,21 +297,12 @@ def test_argument_errors(pipe, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ output / resume
-def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, monkeypatch):
+def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, interrupt_legend_forward):
     rows = [dict(row, id=i) for i, row in enumerate(pairs(10))]
     output = tmp_path / "annotated.jsonl"
     expected = pipe.annotate(rows, num_bins=5, progress=False)
 
-    calls = {"n": 0}
-    real_forward = embed_sequences
-
-    def failing_forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # interrupted in the middle of the second chunk
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing_forward)
+    calls = interrupt_legend_forward(3)  # interrupted in the middle of the second chunk
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(rows, num_bins=5, output=output, checkpoint_every=4, batch_size=2, progress=False)
     assert not output.exists() and not list(tmp_path.glob("annotated*"))
@@ -396,17 +387,9 @@ def test_non_finite_margins_are_an_error(pipe, monkeypatch):
         pipe.annotate(pairs(3), num_bins=None, progress=False)
 
 
-def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch):
+def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch, interrupt_legend_forward):
     output = tmp_path / "out.jsonl"
-    calls = {"n": 0}
-
-    def failing_forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return embed_sequences(*args, **kwargs)
-
-    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing_forward)
+    interrupt_legend_forward(2)
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, progress=False)
     monkeypatch.undo()

@@ -181,23 +181,9 @@ def test_templates_allow_only_plain_prompt_and_response(template, message, pipe)
 
 
 # ------------------------------------------------------------------------------------------------ resume / lock
-def _interrupt_after_first_chunk(monkeypatch):
-    from hf_repalign.legend.embedding import embed_sequences
-
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return embed_sequences(*args, **kwargs)
-
-    monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing)
-
-
-def test_resume_refuses_another_dtype(pipe, tmp_path, monkeypatch, llama, tokenizer, vector):
+def test_resume_refuses_another_dtype(pipe, tmp_path, monkeypatch, tokenizer, vector, interrupt_legend_forward):
     output = tmp_path / "out.jsonl"
-    _interrupt_after_first_chunk(monkeypatch)
+    interrupt_legend_forward(2)
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(ROWS, output=output, checkpoint_every=2, batch_size=2, progress=False)
     monkeypatch.undo()
@@ -207,11 +193,11 @@ def test_resume_refuses_another_dtype(pipe, tmp_path, monkeypatch, llama, tokeni
         bf16.annotate(ROWS, output=output, checkpoint_every=2, batch_size=2, resume=True, progress=False)
 
 
-def test_a_chunk_from_another_run_is_refused(pipe, tmp_path, monkeypatch):
+def test_a_chunk_from_another_run_is_refused(pipe, tmp_path, monkeypatch, interrupt_legend_forward):
     output = tmp_path / "out.jsonl"
     other = [dict(row, chosen=row["chosen"] + " Really.") for row in ROWS]
     for rows in (other, ROWS):  # the other dataset's first chunk is kept, then this run's parts are prepared
-        _interrupt_after_first_chunk(monkeypatch)
+        interrupt_legend_forward(2)
         with pytest.raises(KeyboardInterrupt):
             pipe.annotate(rows, output=output, checkpoint_every=2, batch_size=2, progress=False)
         monkeypatch.undo()

@@ -267,8 +267,8 @@ class OutputLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise OutputLockedError(f"another annotate run ({holder}) is writing {self.path.name[1:-5]}; wait for it or "
-                               f"choose another `output` (lock: {self.path}).") from None
+            raise OutputLockedError(f"another annotate run ({holder}) is writing {self.path.name[1:-5]}; wait for it "
+                                    f"or choose another `output` (lock: {self.path}).") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}")
         handle.flush()
@@ -527,8 +527,8 @@ def length_diagnostics(margins: Sequence[float], length_diff: Sequence[float]) -
 
     Returns ``{"pairs", "pearson_margin_vs_length_diff", "spearman_margin_vs_length_diff",
     "length_dominates"}`` (correlations are None for fewer than 3 pairs or constant inputs), logs it, and warns
-    when ``|spearman| >= 0.5`` over at least 20 pairs: then "the shorter response is safer" explains much of what the margins say, and
-    a length-only baseline should be compared before trusting them.
+    when ``|spearman| >= 0.5`` over at least 20 pairs: then "the shorter response is safer" explains much of what
+    the margins say, and a length-only baseline should be compared before trusting them.
     """
     out: dict[str, Any] = {"pairs": len(margins), "pearson_margin_vs_length_diff": None,
                            "spearman_margin_vs_length_diff": None, "length_dominates": False}
