@@ -6,7 +6,12 @@
 3. ``trl.RewardTrainer`` trains a LoRA + score-head reward model on the annotated dataset as is: TRL reads the
    ``margin`` column and uses ``-logsigmoid(r_chosen - r_rejected - margin)``.
 
-    .venv/bin/python examples/legend_reward_model.py --goals 8 --pairs 32 --steps 4
+    .venv/bin/python examples/legend_reward_model.py --goals 8 --pairs 32 --steps 4 [--data PATH]
+
+Data: ``--data PATH`` or ``$HF_REPALIGN_DATA`` (a folder with ``advbench/harmful_behaviors.csv`` and
+``hh-rlhf/harmless-base/test.jsonl.gz``), else the Hub sets (``walledai/AdvBench``, ``Anthropic/hh-rlhf``), else the
+small sample shipped with hf_repalign. Writes the margin vector, the annotated pairs and the LoRA reward model
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from transformers import AutoModelForSequenceClassification, pipeline
 from trl import RewardConfig, RewardTrainer
 
 import hf_repalign  # noqa: F401  (registers "legend-margin")
-from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir
+from hf_repalign.data_files import DataNotFoundError, add_data_argument, load_advbench, load_hh_rlhf
 from hf_repalign.legend import MarginVector, usable_rows
 from hf_repalign.models import embedded_model_path, load_model_and_tokenizer
-
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -34,17 +38,22 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--max_new_tokens", type=int, default=24, help="length of the model's harmful answers")
     parser.add_argument("--max_chars", type=int, default=600, help="keep HH dialogues shorter than this")
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_example"))
+    add_data_argument(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    try:
+        goals = load_advbench(args.data)[: args.goals]
+        hh_rows = load_hh_rlhf("harmless-base", args.data)
+    except DataNotFoundError as err:
+        parser.error(str(err))
 
     model, tokenizer = load_model_and_tokenizer()
-    goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
     vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
                               generation_batch_size=len(goals))
     vec.save_pretrained(args.out / "margin-vector")
     print(vec)
 
-    rows, errors = usable_rows(read_jsonl(shared_data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+    rows, errors = usable_rows(hh_rows)
     print(f"dropped {len(errors)} unusable HH-RLHF rows, e.g. {errors[:1]}")
     # Short dialogues keep the example quick; filter explicitly rather than truncate silently.
     hh = [r for r in rows if max(len(r["chosen"]), len(r["rejected"])) < args.max_chars][: args.pairs]
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     print("losses:", [round(loss, 4) for loss in losses])
+    # A PEFT adapter (LoRA + score head): AutoPeftModelForSequenceClassification.from_pretrained(folder) loads it.
+    trainer.model.save_pretrained(args.out / "reward-model")
+    tokenizer.save_pretrained(args.out / "reward-model")
+    print(f"wrote {args.out / 'margin-vector'}, {args.out / 'annotated.jsonl'} and {args.out / 'reward-model'}")
     return losses
 
 

@@ -1,10 +1,11 @@
 """RAHF end to end on the embedded SmolLM2-135M-Instruct: SCIT (a LoRA) -> RAHF adapter -> plain PEFT inference.
 
-    python examples/rahf_hh_pipeline.py --rows 16 --steps 8 --out outputs/rahf_example
+    python examples/rahf_hh_pipeline.py --rows 16 --steps 8 --out outputs/rahf_example [--data PATH]
 
-Uses the first ``--rows`` pairs of HH-RLHF helpful-base from ``../shared/data`` (or a few built-in pairs when
-the folder is absent). The saved adapters are standard PEFT folders; the final model is the base with the SCIT adapter and the RAHF
-adapter stacked (``stack_adapters``, a few lines of plain PEFT).
+Uses the first ``--rows`` pairs of HH-RLHF helpful-base: from ``--data PATH`` / ``$HF_REPALIGN_DATA`` (a folder with
+``hh-rlhf/helpful-base/test.jsonl.gz``), else the Hub's ``Anthropic/hh-rlhf``, else the small sample shipped with
+hf_repalign. The saved adapters are standard PEFT folders; the final model is the base with the SCIT adapter and the
+RAHF adapter stacked (``stack_adapters``, a few lines of plain PEFT).
 """
 
 from __future__ import annotations
@@ -14,22 +15,9 @@ from pathlib import Path
 
 from peft import LoraConfig
 
-from hf_repalign.data_files import read_jsonl, shared_data_dir
+from hf_repalign.data_files import DataNotFoundError, add_data_argument, load_hh_rlhf
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, stack_adapters
-
-HH = shared_data_dir() / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-FALLBACK = [
-    {"prompt": "How do I keep basil fresh?", "chosen": "Trim the stems and keep it in water on the counter.",
-     "rejected": "Just throw it away."},
-    {"prompt": "What's a good name for a cat?", "chosen": "Maybe Miso, Pepper or Luna.", "rejected": "Cat."},
-]
-
-
-def load_rows(n: int) -> list[dict]:
-    if not HH.is_file():
-        return FALLBACK[:n]
-    return read_jsonl(HH)[:n]
 
 
 def main(argv=None) -> str:
@@ -38,9 +26,13 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="outputs/rahf_example")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    add_data_argument(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows = load_rows(args.rows)
+    try:
+        rows = load_hh_rlhf("helpful-base", args.data)[: args.rows]
+    except DataNotFoundError as err:
+        parser.error(str(err))
     common = dict(per_device_train_batch_size=1, max_steps=args.steps, learning_rate=2e-4, report_to="none",
                   save_strategy="no", use_cpu=True, logging_steps=1)
 
@@ -70,6 +62,7 @@ def main(argv=None) -> str:
     generated = aligned.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     print(answer)
+    print(f"wrote the SCIT adapter to {out / 'scit'} and the RAHF adapter to {folder}")
     return answer
 
 

@@ -14,8 +14,6 @@ from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -50,13 +48,6 @@ def embedded():
     from hf_repalign.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent")
-    return SHARED_DATA
 
 
 @pytest.fixture

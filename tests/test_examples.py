@@ -24,9 +24,28 @@ def test_linear_alignment_personal_preferences_example(embedded, capsys):
 
 
 @pytest.mark.embedded
-def test_legend_reward_model_example(embedded, tmp_path, capsys):
+def test_legend_reward_model_example(embedded, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_REPALIGN_DATA", raising=False)  # no data: the shipped sample (the tests run offline)
     argv = ["--goals", "2", "--pairs", "4", "--steps", "1", "--max_new_tokens", "4", "--max_chars", "250"]
     losses = _load("legend_reward_model").main(argv + ["--out", str(tmp_path)])
     assert len(losses) == 1 and losses[0] > 0
-    assert "columns ['chosen', 'rejected', 'margin_raw', 'margin']" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "columns ['chosen', 'rejected', 'margin_raw', 'margin']" in out and f"wrote {tmp_path}" in out
     assert (tmp_path / "annotated.jsonl").is_file() and (tmp_path / "margin-vector" / "config.json").is_file()
+    assert (tmp_path / "reward-model" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "reward-model" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["legend_reward_model", "rahf_hh_pipeline"])
+def test_examples_name_a_missing_data_folder_in_one_line(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_REPALIGN_DATA", str(tmp_path / "nowhere"))
+    module = _load(name)  # importing an example reads no data
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"data folder {tmp_path / 'nowhere'} (from `HF_REPALIGN_DATA`) does not exist" in error
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(tmp_path / "out"), "--data", str(tmp_path)])  # a folder without the files
+    assert "not found in the data folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was started

@@ -1,4 +1,4 @@
-"""Embedded model, hub helpers, CLI plumbing and data readers."""
+"""Embedded model, hub helpers and CLI plumbing."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import torch
 
 from hf_repalign import hub
 from hf_repalign.cli import main as cli_main
-from hf_repalign.data_files import read_advbench, read_jsonl, read_mt_bench, read_truthfulqa_mc
 
 
 @pytest.mark.embedded
@@ -98,13 +97,6 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "hf_repalign.cli", "generate", "--help"], capture_output=True,
                          text=True, check=True)
     assert "--principle" in out.stdout and "--alpha" in out.stdout
-
-
-def test_data_readers(shared_data):
-    assert len(read_advbench(shared_data / "advbench" / "harmful_behaviors.csv")) == 520
-    assert len(read_mt_bench(shared_data / "mt_bench" / "question.jsonl")) == 80
-    assert len(read_jsonl(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")) == 2312
-    assert len(read_truthfulqa_mc(shared_data / "truthfulqa" / "mc_task.json")) == 817
 
 
 def test_load_model_refuses_an_unknown_dtype_name():

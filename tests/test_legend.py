@@ -181,8 +181,9 @@ def test_explicit_and_implicit_formats_agree(pipe):
                       "rejected": [{"role": "assistant", "content": "Use a tension wrench."}]}]
     a, b = pipe(implicit)[0]["margin_raw"], pipe(explicit)[0]["margin_raw"]
     c, d = pipe(conv_implicit)[0]["margin_raw"], pipe(conv_explicit)[0]["margin_raw"]
-    assert a == b and c == d
-    assert pipe.annotate(implicit * 2, num_bins=None, progress=False)["margin_raw"] == [a, a]
+    assert a == b and c == d  # exact: both formats render the same token ids, run as the same one-row batch
+    # A batch of 2 runs other kernels than one row: equal to float32 rounding (see tests/README.md).
+    assert pipe.annotate(implicit * 2, num_bins=None, progress=False)["margin_raw"] == pytest.approx([a, a], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -27,7 +27,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, launcher, scit_ada
 
     sys.path.insert(0, str(HERE))
     try:
-        from rahf_ddp_worker import run
+        from rahf_ddp_worker import ADAM_ATOL, run
     finally:
         sys.path.remove(str(HERE))
     single = run(str(adapter), str(tmp_path / "single"), per_device=2)
@@ -35,7 +35,8 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, launcher, scit_ada
     assert rank0.keys() == rank1.keys() == reference.keys()
     changed = False
     for name in rank0:
-        torch.testing.assert_close(rank0[name], rank1[name])  # gradients were synchronised
-        torch.testing.assert_close(rank0[name], reference[name], rtol=1e-4, atol=1e-5)
+        # The ranks apply the same all-reduced gradients with the same kernels: bit-identical.
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], reference[name], rtol=1e-4, atol=ADAM_ATOL)
         changed |= bool(rank0[name].abs().sum() > 0) and "lora_B" in name
     assert changed

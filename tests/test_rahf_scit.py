@@ -182,9 +182,23 @@ def test_truncation_keeps_the_response_identical_under_both_instructions(tmp_pat
         assert feature["prompt_length"] <= 60 and feature["opposite_prompt_length"] <= 60
         assert max(len(feature["input_ids"]), len(feature["opposite_input_ids"])) <= 80
     assert len(trainer.train_dataset[0]["input_ids"][trainer.train_dataset[0]["prompt_length"]:]) == 20
-    with pytest.raises(ValueError, match="leaves no room"):
+    with pytest.raises(ValueError, match="leaves no room"):  # the only row is skipped: nothing left to train on
         SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=50), train_dataset=rows,
                     processing_class=tokenizer)
+
+
+def test_rows_whose_prompt_leaves_no_room_are_skipped_and_named(tmp_path, tokenizer, monkeypatch):
+    from hf_repalign.rahf import scit
+
+    warnings = []
+    monkeypatch.setattr(scit.logger, "warning", warnings.append)
+    rows = [{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "No."},
+            {"prompt": "Tell me a story about a dragon. " * 3, "chosen": "Once upon a time.", "rejected": "No."},
+            {"prompt": "Bye?", "chosen": "Goodbye.", "rejected": "Go."}]
+    trainer = SCITTrainer(tiny_model("llama", vocab_size=len(tokenizer)), _args(tmp_path, max_length=120),
+                          train_dataset=rows, processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 4  # rows 0 and 2, two examples each
+    assert any("skipped 1 row(s)" in w and "(rows 1)" in w and "max_length=120" in w for w in warnings), warnings
 
 
 def test_multi_turn_prompts_and_chat_templates_carry_the_instruction(tokenizer, plain_tokenizer):

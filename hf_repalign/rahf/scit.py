@@ -92,9 +92,11 @@ class SCITConfig(TrainingArguments):
 
 def truncate_pairs(
     pairs: list[tuple[list[int], int]], max_prompt_length: int | None, max_length: int | None
-) -> tuple[list[tuple[list[int], int]], bool]:
+) -> tuple[list[tuple[list[int], int]] | None, bool]:
     """Sequences sharing one response: keep each prompt's last ``max_prompt_length`` tokens and cut the response
-    so that the longest prompt plus the response fits ``max_length`` (the response stays identical in all)."""
+    so that the longest prompt plus the response fits ``max_length`` (the response stays identical in all).
+
+    Returns ``(None, True)`` when the longest prompt leaves no room for a single response token."""
     prompts = [ids[:n] for ids, n in pairs]
     response = pairs[0][0][pairs[0][1]:]
     cut = False
@@ -104,8 +106,7 @@ def truncate_pairs(
     if max_length is not None and longest + len(response) > max_length:
         keep = max_length - longest
         if keep < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for the response after a {longest}-token "
-                             "prompt; raise max_length or set max_prompt_length.")
+            return None, True
         response, cut = response[:keep], True
     return [(p + response, len(p)) for p in prompts], cut
 
@@ -117,7 +118,7 @@ def build_scit_examples(
     positive = instructed_template(tokenizer, args.preferred_instruction, args.prompt_format)
     negative = instructed_template(tokenizer, args.dispreferred_instruction, args.prompt_format)
     out: dict[str, list] = {name: [] for name in SCIT_COLUMNS}
-    truncated = 0
+    truncated, skipped = 0, []
     names = list(rows)
     for j, row_index in enumerate(indices):
         triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
@@ -128,14 +129,21 @@ def build_scit_examples(
                     f"row {row_index}: the response tokenizes differently under the two instructions; use a "
                     "prompt_format whose prompt ends on a token boundary."
                 )
-            ((ids, n), (opp_ids, opp_n)), cut = truncate_pairs(encoded, args.max_prompt_length, args.max_length)
-            truncated += cut
+            kept, cut = truncate_pairs(encoded, args.max_prompt_length, args.max_length)
+            if kept is None:
+                skipped += [row_index] if row_index not in skipped else []
+                continue
+            ((ids, n), (opp_ids, opp_n)), truncated = kept, truncated + cut
             out["input_ids"].append(ids)
             out["prompt_length"].append(n)
             out["opposite_input_ids"].append(opp_ids)
             out["opposite_prompt_length"].append(opp_n)
     if truncated:
         logger.warning(f"SCIT: truncated {truncated} sequence(s) to max_prompt_length/max_length.")
+    if skipped:
+        logger.warning(f"SCIT: skipped {len(skipped)} row(s) whose prompt leaves no room for the response under "
+                       f"max_length={args.max_length} (rows {', '.join(map(str, skipped[:10]))}"
+                       f"{', ...' if len(skipped) > 10 else ''}); raise max_length (or set a smaller max_prompt_length) to keep them.")
     return out
 
 
@@ -248,6 +256,9 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         train_dataset, eval_dataset = prepare_train_eval(
             train_dataset, eval_dataset, build_scit_examples, SCIT_COLUMNS, tokenizer, args
         )
+        if train_dataset is not None and len(train_dataset) == 0:
+            raise ValueError(f"SCIT: no training example left: rows whose prompt leaves no room for the response "
+                             f"under max_length={args.max_length} are skipped (see the warning above).")
         kwargs.setdefault("data_collator", SCITCollator(tokenizer.pad_token_id))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
