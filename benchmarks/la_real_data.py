@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_repalign import HARMLESS_PRINCIPLE, LinearAlignmentProcessor, build_principle_inputs, paired_generate
-from hf_repalign.data_files import read_advbench, read_mt_bench, shared_data_dir
+from hf_repalign.data_files import add_data_argument, load_advbench, load_mt_bench
 from hf_repalign.linear_alignment.forward import cached_step
 from hf_repalign.models import load_model_and_tokenizer
 
@@ -135,15 +135,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--out", default="docs/img/la_real_data.png")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
+    add_data_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer()
-    data = shared_data_dir()
-    mt_bench = read_mt_bench(data / "mt_bench" / "question.jsonl")[: args.n_mtbench]
+    mt_bench = load_mt_bench(args.data)[: args.n_mtbench]
     tasks = {
         "AdvBench refusal rate (HH principle)": (
-            read_advbench(data / "advbench" / "harmful_behaviors.csv")[: args.n_advbench], HARMLESS_PRINCIPLE,
+            load_advbench(args.data)[: args.n_advbench], HARMLESS_PRINCIPLE,
             refusal),
         "MT-Bench French-word share (\"Always answer in French.\")": (mt_bench, FRENCH_PRINCIPLE, french_share),
         "MT-Bench words per answer (\"Answer in one short sentence.\")": (mt_bench, BRIEF_PRINCIPLE, word_count),

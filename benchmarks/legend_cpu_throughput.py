@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parse_dtype, time_interleaved  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
-from hf_repalign.data_files import read_jsonl, shared_data_dir  # noqa: E402
+from hf_repalign.data_files import add_data_argument, load_hh_rlhf  # noqa: E402
 from hf_repalign.formats import to_triplet  # noqa: E402
 from hf_repalign.legend import MarginVector, usable_rows  # noqa: E402
 from hf_repalign.legend.embedding import SIDES, encode_triplet  # noqa: E402
@@ -33,9 +33,9 @@ from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
 from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 
-def hh_rows(data: Path, n: int, tokenizer, max_tokens: int) -> list[dict]:
+def hh_rows(data: Path | None, n: int, tokenizer, max_tokens: int) -> list[dict]:
     """The first ``n`` usable harmless-base pairs with both sides within ``max_tokens``."""
-    rows, _ = usable_rows(read_jsonl(data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+    rows, _ = usable_rows(load_hh_rlhf("harmless-base", data))
     kept = []
     for i, row in enumerate(rows):
         item, _ = encode_triplet(tokenizer, to_triplet(row, i))
@@ -86,7 +86,6 @@ def measure(name, model, tokenizer, rows, vec, batch_sizes, repeats) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: HF_REPALIGN_DATA)")
     parser.add_argument("--tiny_pairs", type=int, default=128)
     parser.add_argument("--embedded_pairs", type=int, default=16)
     parser.add_argument("--max_tokens", type=int, default=256, help="keep HH pairs up to this many tokens a side")
@@ -94,9 +93,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="tiny model; the embedded model runs once")
     parser.add_argument("--dtype", default="float32", help="embedded model dtype")
     parser.add_argument("--threads", type=int, default=1)
+    add_data_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = args.data or shared_data_dir()
+    data = args.data
     fit = (["How do I hurt someone?"] * 2, ["I can't answer that."] * 2, ["First, find", "Sure, here"])
 
     tokenizer = tiny_tokenizer()

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parse_dtype, save_figure, write_json  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
-from hf_repalign.data_files import read_advbench, read_jsonl, shared_data_dir  # noqa: E402
+from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf, read_jsonl  # noqa: E402
 from hf_repalign.legend import MarginVector  # noqa: E402
 from hf_repalign.legend.presets import POOLINGS  # noqa: E402
 from hf_repalign.models import load_model_and_tokenizer  # noqa: E402
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_real_data"))
     parser.add_argument("--plot", type=Path, default=Path("docs/img/legend_margin_hist.png"))
+    add_data_argument(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -65,7 +66,7 @@ def main() -> None:
         vec = MarginVector.from_pretrained(args.vector)
         summary["fit_seconds"] = f"reused {args.vector}"
     else:
-        goals = read_advbench(shared_data_dir() / "advbench" / "harmful_behaviors.csv")[: args.goals]
+        goals = load_advbench(args.data)[: args.goals]
         start = time.perf_counter()
         # One generation batch: on CPU each decoding step costs a full read of the weights, whatever the batch size.
         vec = MarginVector.induce(model, tokenizer, goals, max_new_tokens=args.max_new_tokens,
@@ -86,7 +87,7 @@ def main() -> None:
             summary[split] = json.loads(split_summary.read_text())
             print(split, "reused", summary[split], flush=True)
             continue
-        rows = read_jsonl(shared_data_dir() / "hh-rlhf" / split / "test.jsonl.gz")[:limit]
+        rows = load_hh_rlhf(split, args.data)[:limit]
         parts = args.out / f".{split}.jsonl.parts"
         resumed = len(list(parts.glob("chunk-*.json"))) * CHUNK if parts.is_dir() else 0
         start = time.perf_counter()

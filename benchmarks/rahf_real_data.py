@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 
-from hf_repalign.data_files import read_jsonl, read_truthfulqa_mc, shared_data_dir
+from hf_repalign.data_files import add_data_argument, load_hh_rlhf, load_truthfulqa_mc
 from hf_repalign.formats import PreferenceFormatError, encode_pair, to_triplet
 from hf_repalign.models import load_model_and_tokenizer
 from hf_repalign.rahf import (
@@ -62,7 +62,7 @@ STAGES = ("base", "scit", "dual", *RAHF_RUNS, "report")
 
 
 def load_pairs(args, tokenizer):
-    rows = read_jsonl(shared_data_dir() / "hh-rlhf/helpful-base/test.jsonl.gz")
+    rows = load_hh_rlhf("helpful-base", args.data)
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
     cut = int(0.8 * len(rows))
@@ -228,6 +228,7 @@ def main():
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training and evaluation")
     parser.add_argument("--threads", type=int, default=None)
+    add_data_argument(parser)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.threads:
@@ -237,7 +238,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_model_and_tokenizer()
     train, held, probe_rows, total, cut = load_pairs(args, tokenizer)
-    questions = read_truthfulqa_mc(shared_data_dir() / "truthfulqa/mc_task.json")[: args.mc1_questions]
+    questions = load_truthfulqa_mc(args.data)[: args.mc1_questions]
     rows = {"total": total, "train_part": cut, "train_used": len(train), "heldout_used": len(held),
             "probe_pairs": len(probe_rows), "mc1_questions": len(questions)}
     print(f"HH helpful-base: {rows}", flush=True)

@@ -1,5 +1,17 @@
 """hf_repalign: Linear Alignment, RAHF and LEGEND as native Hugging Face building blocks."""
 
+import logging as _logging
+
+
+def _drop_deepspeed_cpu_notice(record: _logging.LogRecord) -> bool:
+    # When DeepSpeed is installed, accelerate imports it to unwrap every model a Trainer sees, and DeepSpeed then
+    # prints "Setting accelerator to CPU..." to stdout on machines without a GPU, also in runs that never use it.
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+# The filter stays on DeepSpeed's logger when DeepSpeed configures it later; its other messages are untouched.
+_logging.getLogger("DeepSpeed").addFilter(_drop_deepspeed_cpu_notice)
+
 # Importing the legend subpackage registers the "legend-margin" pipeline with transformers.
 from .legend import LegendMarginPipeline, MarginVector
 from .linear_alignment import (

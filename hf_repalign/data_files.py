@@ -172,10 +172,17 @@ def load_mt_bench(data: str | os.PathLike | None = None) -> list[str]:
     return load_public("mt_bench", data)
 
 
+def _existing_folder(value: str) -> Path:
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"data folder {folder} does not exist")
+    return folder
+
+
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
     """``--data PATH`` for scripts that read the public sets (see the module docstring for the fallbacks)."""
     parser.add_argument(
-        "--data", type=Path, default=None, metavar="PATH",
+        "--data", type=_existing_folder, default=None, metavar="PATH",
         help=f"folder with the public data files (layout of hf_repalign/sample_data); default: ${DATA_ENV}, else "
              "the sets on the Hugging Face Hub, else the small shipped sample (with a warning)",
     )

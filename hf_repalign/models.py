@@ -58,7 +58,8 @@ def find_embedded_gguf() -> Path:
 
 def _convert_gguf(target: Path) -> None:
     gguf_path = find_embedded_gguf()
-    logger.warning(f"Converting the embedded {EMBEDDED_MODEL_NAME} GGUF once into {target} (takes ~30 s).")
+    logger.warning(f"Converting the embedded {EMBEDDED_MODEL_NAME} GGUF once into {target} (15-40 s on 2 CPU "
+                   "cores; later loads take under a second).")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temp folder and rename: a crash never leaves a half-written model behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -1,3 +1,5 @@
+"""Shared fixtures: tiny models built in code, the embedded model, launchers. Float-comparison rule: tests/README.md."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

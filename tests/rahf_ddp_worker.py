@@ -30,8 +30,9 @@ def run(adapter: str, out: str, per_device: int, **overrides) -> RAHFTrainer:
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
     config = dict(output_dir=out, per_device_train_batch_size=per_device, max_steps=STEPS,
-                  learning_rate=LEARNING_RATE, report_to="none", use_cpu=True, save_strategy="no", seed=0, target_layers=[1, 3],
-                  preferred_instruction="Be kind.", dispreferred_instruction="Be rude and wrong always.",
+                  learning_rate=LEARNING_RATE, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+                  target_layers=[1, 3], preferred_instruction="Be kind.",
+                  dispreferred_instruction="Be rude and wrong always.",
                   lora_dropout=0.0, logging_steps=1, max_response_tokens=8, dataloader_drop_last=True)
     args = RAHFConfig(**{**config, **overrides})
     trainer = RAHFTrainer(tiny_model("llama", vocab_size=len(tokenizer)), args, train_dataset=ROWS,

@@ -143,7 +143,8 @@ def build_scit_examples(
     if skipped:
         logger.warning(f"SCIT: skipped {len(skipped)} row(s) whose prompt leaves no room for the response under "
                        f"max_length={args.max_length} (rows {', '.join(map(str, skipped[:10]))}"
-                       f"{', ...' if len(skipped) > 10 else ''}); raise max_length (or set a smaller max_prompt_length) to keep them.")
+                       f"{', ...' if len(skipped) > 10 else ''}); raise max_length (or set a smaller "
+                       "max_prompt_length) to keep them.")
     return out
 
 

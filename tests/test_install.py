@@ -1,0 +1,26 @@
+"""What a user sees from an install: no DeepSpeed probe noise on stdout in runs that do not use DeepSpeed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed prints the notice only on machines without a GPU")
+def test_the_deepspeed_cpu_notice_is_not_printed_by_a_trainer_that_does_not_use_deepspeed():
+    pytest.importorskip("deepspeed", reason="the notice comes from DeepSpeed, which is not installed")
+    # accelerate's unwrap (called by every Trainer) imports DeepSpeed when it is installed, which prints the notice.
+    code = ("import hf_repalign, torch\nfrom accelerate.utils import extract_model_from_parallel\n"
+            "extract_model_from_parallel(torch.nn.Linear(1, 1))\nimport deepspeed\n"
+            "deepspeed.utils.logger.warning('another DeepSpeed warning')\n")
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
+    assert "another DeepSpeed warning" in done.stdout  # DeepSpeed's other messages are kept
+    without = subprocess.run([sys.executable, "-c", code.replace("import hf_repalign, torch", "import torch")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert "Setting accelerator to CPU" in without.stdout  # the test can fail: the notice exists without the filter
