@@ -24,3 +24,22 @@ def test_the_deepspeed_cpu_notice_is_not_printed_by_a_trainer_that_does_not_use_
     without = subprocess.run([sys.executable, "-c", code.replace("import hf_repalign, torch", "import torch")],
                              capture_output=True, text=True, env=env, timeout=120)
     assert "Setting accelerator to CPU" in without.stdout  # the test can fail: the notice exists without the filter
+
+
+def test_library_calls_print_nothing_to_stdout(llama, tokenizer, tmp_path, capfd):
+    from transformers import LogitsProcessorList, pipeline
+
+    from hf_repalign import LinearAlignmentProcessor, MarginVector, build_principle_inputs, paired_generate
+
+    capfd.readouterr()
+    plain, principle = build_principle_inputs(tokenizer, ["Hi", "How are you?"], "Be kind.")
+    proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=1.0)
+    for extra in ({}, {"custom_generate": paired_generate}):
+        llama.generate(**plain, logits_processor=LogitsProcessorList([proc]), max_new_tokens=3, do_sample=False,
+                       **extra)
+    vector = MarginVector.fit(llama, tokenizer, ["Hi", "Bye"], ["No.", "No."], ["Sure, here", "Sure, so"],
+                              progress=False)
+    vector.save_pretrained(tmp_path / "vector")
+    pipe = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
+    pipe.annotate([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 2, progress=False)
+    assert capfd.readouterr().out == ""
