@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from hf_repalign import LinearAlignmentProcessor, build_principle_inputs, paired_generate
-from hf_repalign.data_files import read_mt_bench, shared_data_dir
+from hf_repalign.data_files import add_data_argument, load_mt_bench
 from hf_repalign.linear_alignment.forward import cached_step
 from hf_repalign.models import load_model_and_tokenizer
 
@@ -58,10 +58,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    add_data_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = read_mt_bench(shared_data_dir() / "mt_bench" / "question.jsonl")[: args.n]
+    questions = load_mt_bench(args.data)[: args.n]
     print(f"\n{args.n} MT-Bench questions, greedy, {args.tokens} tokens; share of rows with identical tokens\n")
     print("| dtype | alpha=0 vs principle prompt | alpha=-1 vs plain | bare vs paired (alpha=2) | "
           "max first-step logit diff, B vs 2B rows |")

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from hf_repalign import LinearAlignmentProcessor, build_principle_inputs, paired_generate
-from hf_repalign.data_files import read_mt_bench, shared_data_dir
+from hf_repalign.data_files import add_data_argument, load_mt_bench
 from hf_repalign.models import load_model_and_tokenizer
 
 PRINCIPLE = "Always answer in French."
@@ -43,11 +43,12 @@ def main() -> None:
     parser.add_argument("--penalty", type=float, default=1.3)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    add_data_argument(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer()
-    questions = read_mt_bench(shared_data_dir() / "mt_bench" / "question.jsonl")[: args.n]
+    questions = load_mt_bench(args.data)[: args.n]
     settings = {
         "plain": (False, 1.0),
         f"plain, repetition_penalty={args.penalty:g}": (False, args.penalty),

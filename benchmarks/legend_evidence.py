@@ -36,11 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parse_dtype, write_json  # noqa: E402
 
 from hf_repalign.data_files import (  # noqa: E402
-    read_advbench,
-    read_jsonl,
-    read_mt_bench,
-    read_truthfulqa_mc,
-    shared_data_dir,
+    add_data_argument,
+    load_advbench,
+    load_hh_rlhf,
+    load_mt_bench,
+    load_truthfulqa_mc,
 )
 from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
 from hf_repalign.legend import usable_rows  # noqa: E402
@@ -81,7 +81,6 @@ def embed(model, tokenizer, triplets, views, batch_size, max_length=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: HF_REPALIGN_DATA)")
     parser.add_argument("--goals", type=int, default=100)
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -95,16 +94,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_evidence"))
+    add_data_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = args.data or shared_data_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(dtype=parse_dtype(args.dtype))
     views = [(layer, pooling) for layer in args.layers for pooling in POOLINGS]
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "views": [f"{l}:{p}" for l, p in views]}
 
     # 1. fit every variant from the same pairs
-    goals = read_advbench(data / "advbench" / "harmful_behaviors.csv")
+    goals = load_advbench(args.data)
     fit_goals, held = goals[: args.goals], goals[args.goals : args.goals + args.heldout]
     start = time.perf_counter()
     answers = generate_responses(model, tokenizer, fit_goals + held, None, args.max_new_tokens, batch_size=32)
@@ -139,9 +138,9 @@ def main() -> None:
     # 2b. unsafe vs safe prompts, fixed responses
     unsafe = held
     if args.safe == "truthfulqa":
-        safe = [row["question"] for row in read_truthfulqa_mc(data / "truthfulqa" / "mc_task.json")][: len(unsafe)]
+        safe = [row["question"] for row in load_truthfulqa_mc(args.data)][: len(unsafe)]
     else:
-        safe = read_mt_bench(data / "mt_bench" / "question.jsonl")[: len(unsafe)]
+        safe = load_mt_bench(args.data)[: len(unsafe)]
     prompts = unsafe + safe
     emb, items, _ = embed(model, tokenizer, [PreferenceTriplet(p, FIXED_REFUSAL, FIXED_COMPLIANCE) for p in prompts],
                           views, args.batch_size)
@@ -163,7 +162,7 @@ def main() -> None:
 
     # 3. HH tables with the length baseline
     for split in args.splits:
-        rows, _ = usable_rows(read_jsonl(data / "hh-rlhf" / split / "test.jsonl.gz"))
+        rows, _ = usable_rows(load_hh_rlhf(split, args.data))
         whole = [item for item, _ in encode_triplets(tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)])]
         diff = [response_length(it, "chosen") - response_length(it, "rejected") for it in whole]
         score = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diff)

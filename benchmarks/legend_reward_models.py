@@ -38,13 +38,13 @@ from common import write_json  # noqa: E402
 from legend_evidence import wilson  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
-from hf_repalign.data_files import read_jsonl, shared_data_dir  # noqa: E402
+from hf_repalign.data_files import add_data_argument, load_hh_rlhf  # noqa: E402
 from hf_repalign.legend import MarginVector, usable_rows  # noqa: E402
 from hf_repalign.models import EMBEDDED_MODEL_NAME, embedded_model_path, load_model_and_tokenizer  # noqa: E402
 
 
-def fitting_rows(data: Path, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    rows, _ = usable_rows(read_jsonl(data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+def fitting_rows(data: Path | None, tokenizer, max_length: int) -> tuple[list[dict], int]:
+    rows, _ = usable_rows(load_hh_rlhf("harmless-base", data))
     lengths = {k: [len(ids) for ids in tokenizer([r[k] for r in rows])["input_ids"]] for k in ("chosen", "rejected")}
     # TRL appends an EOS token before its own length filter: leave room for it so no pair is dropped there.
     fits = [r for i, r in enumerate(rows) if max(lengths["chosen"][i], lengths["rejected"][i]) < max_length - 1]
@@ -120,7 +120,6 @@ def bootstrap_difference(with_wins: list[list[int]], without_wins: list[list[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: HF_REPALIGN_DATA)")
     parser.add_argument("--vector", type=Path, default=None, help="a saved MarginVector folder")
     parser.add_argument("--directions", type=Path, default=None, help="directions.pt from legend_evidence.py")
     parser.add_argument("--view", default="-1:last", help="layer:pooling key in --directions")
@@ -133,11 +132,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on AVX512-BF16 CPUs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_reward_models"))
+    add_data_argument(parser)
     args = parser.parse_args()
     if (args.vector is None) == (args.directions is None):
         parser.error("give exactly one of --vector and --directions")
     torch.set_num_threads(args.threads)
-    data = args.data or shared_data_dir()
+    data = args.data
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
     rows, total = fitting_rows(data, tokenizer, args.max_length)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
