@@ -41,5 +41,5 @@ def test_library_calls_print_nothing_to_stdout(llama, tokenizer, tmp_path, capfd
                               progress=False)
     vector.save_pretrained(tmp_path / "vector")
     pipe = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
-    pipe.annotate([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 2, progress=False)
+    pipe.annotate([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 2, num_bins=None, progress=False)
     assert capfd.readouterr().out == ""
