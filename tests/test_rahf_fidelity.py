@@ -338,3 +338,21 @@ def test_resume_in_the_stacked_arrangement_reproduces_the_uninterrupted_run(tmp_
     assert resumed.stack == ["rahf_scit"]
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
+
+
+def test_a_nan_loss_stops_dual_training_and_saves_no_folder(tmp_path, tokenizer, monkeypatch):
+    from hf_repalign.rahf import dual
+
+    original, calls = dual.SFTTrainer.compute_loss, []
+
+    def compute_loss(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(dual.SFTTrainer, "compute_loss", compute_loss)
+    args = dual.DualConfig(output_dir=str(tmp_path / "dual"), per_device_train_batch_size=2, max_steps=3,
+                           report_to="none", use_cpu=True, save_strategy="no", max_length=None)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        dual.train_dual(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ROWS, args, peft_config=_lora())
+    assert not (tmp_path / "dual" / "good").exists()
