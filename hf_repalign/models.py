@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
+
+from .hub import EMBEDDED_HUB_ID, TRANSFORMERS_MODEL, atomic_folder, hf_home, hub_offline, local_or_repo_id
+
+if TYPE_CHECKING:  # torch loads on use: `repalign --help` must not pay for it
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.get_logger(__name__)
 
@@ -30,16 +33,9 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERSION_VERSION = "1"
 
 
-def _hf_home() -> Path:
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return Path(xdg).expanduser() / "huggingface"
-
-
 def embedded_model_cache_dir() -> Path:
     """Folder holding the converted embedded model: ``$HF_HOME/hf_repalign/SmolLM2-135M-Instruct-v1``."""
-    return _hf_home() / "hf_repalign" / f"{EMBEDDED_MODEL_NAME}-v{_CONVERSION_VERSION}"
+    return hf_home() / "hf_repalign" / f"{EMBEDDED_MODEL_NAME}-v{_CONVERSION_VERSION}"
 
 
 def find_embedded_gguf() -> Path:
@@ -57,13 +53,15 @@ def find_embedded_gguf() -> Path:
 
 
 def _convert_gguf(target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf_path = find_embedded_gguf()
     logger.warning(f"Converting the embedded {EMBEDDED_MODEL_NAME} GGUF once into {target} (15-40 s on 2 CPU "
                    "cores; later loads take under a second).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a sibling temp folder and rename: a crash never leaves a half-written model behind.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # One atomic save (files get the user's umask, so a shared HF cache stays readable): a crash never leaves a
+    # half-written model behind, and a concurrent conversion waits for the folder lock.
+    with atomic_folder(target, TRANSFORMERS_MODEL) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -71,16 +69,9 @@ def _convert_gguf(target: Path) -> None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config.name_or_path = EMBEDDED_MODEL_NAME
+        model.config.name_or_path = EMBEDDED_HUB_ID
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_path() -> Path:
@@ -91,9 +82,26 @@ def embedded_model_path() -> Path:
     return target
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """``None`` means the embedded model; anything else (local path or Hub id) is passed through."""
-    return str(embedded_model_path()) if model is None else str(model)
+def resolve_model_path(model: str | os.PathLike | None, what: str = "model") -> str:
+    """``None`` means the embedded model; an existing local path as is; else a Hub repo id.
+
+    A path that does not exist and is no valid repo id is reported as missing; offline (``HF_HUB_OFFLINE=1``) a
+    repo id must already be in the HF cache, or this fails at once instead of retrying.
+    """
+    if model is None:
+        return str(embedded_model_path())
+    location = local_or_repo_id(model, what)
+    if isinstance(location, Path):
+        return str(location)
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(location, "config.json"), str):
+            from .hub import HubAccessError
+
+            raise HubAccessError(f"{what} {location!r} is not a local folder and HF_HUB_OFFLINE=1 forbids "
+                                 "downloading it from the Hub (it is not in the HF cache).")
+    return location
 
 
 def load_model_and_tokenizer(
@@ -107,6 +115,9 @@ def load_model_and_tokenizer(
 
     The tokenizer pads on the left (decoder-only batching) and gets a pad token if it has none.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"`dtype` must be a torch dtype name such as 'float32' or 'bfloat16', or 'auto'; got {dtype!r}.")
     path = resolve_model_path(model)

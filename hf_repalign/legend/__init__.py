@@ -1,5 +1,7 @@
 """LEGEND: safety margin vectors and the ``legend-margin`` pipeline that annotates preference datasets.
 
+Names load lazily (``hf_repalign.legend.cli`` stays light); ``import hf_repalign`` registers the pipeline task.
+
 Example:
     >>> import hf_repalign
     >>> from hf_repalign.legend import MarginVector
@@ -9,29 +11,20 @@ Example:
     >>> annotated = pipe.annotate(hh_rlhf, num_bins=10)  # + `margin_raw`, `margin` (read by trl.RewardTrainer)
 """
 
-from .annotate import (
-    add_margin_columns,
-    annotate,
-    length_diagnostics,
-    load_preference_data,
-    usable_rows,
-    write_dataset,
-)
-from .binning import equal_frequency_bins
-from .margin import margin_direction, margin_raw
-from .pipeline import LegendMarginPipeline
-from .vector import MarginVector
+from .._lazy import lazy_exports
 
-__all__ = [
-    "LegendMarginPipeline",
-    "MarginVector",
-    "add_margin_columns",
-    "annotate",
-    "equal_frequency_bins",
-    "length_diagnostics",
-    "load_preference_data",
-    "margin_direction",
-    "margin_raw",
-    "usable_rows",
-    "write_dataset",
-]
+_EXPORTS = {
+    "LegendMarginPipeline": "pipeline",
+    "MarginVector": "vector",
+    "add_margin_columns": "annotate",
+    "annotate": "annotate",
+    "equal_frequency_bins": "binning",
+    "length_diagnostics": "annotate",
+    "load_preference_data": "annotate",
+    "margin_direction": "margin",
+    "margin_raw": "margin",
+    "usable_rows": "annotate",
+    "write_dataset": "annotate",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,15 +12,19 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from transformers.utils import logging
-
-from ..cli import DType, add_command
+from ..cli import DType, UsageError
 from ..data_files import read_jsonl
+from ..hub import check_output_file, check_target, check_writable, local_or_repo_id, refuse_inputs
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS, POOLINGS
 
-logger = logging.get_logger(__name__)
 
+def _at_least(args, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"argument --{name}: must be >= {minimum}, got {value}.")
 
 
 @dataclass
@@ -42,7 +46,8 @@ class FitVectorArguments:
                                      "(the LEGEND code: every prompt, 1024 new tokens, its refusal string); "
                                      "explicit flags win.", "choices": list(FIT_PRESETS)}
     )
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (default: all)."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (N >= 1; default: "
+                                                                    "all)."})
     refusal: str | None = field(default=None, metadata={"help": "The fixed harmless response (default: "
                                                         f"{DEFAULT_REFUSAL!r})."})
     max_new_tokens: int | None = field(
@@ -60,6 +65,19 @@ class FitVectorArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Also upload the vector to this repo id."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the model, recorded in the card; default: from the model (needed to push a vector fitted "
+                "on a local folder whose config records no Hub id)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Save even if --output holds another artifact (its clashing files are replaced; others kept)."})
+
+    def __post_init__(self):
+        _at_least(self, 1, "num_prompts", "max_new_tokens", "batch_size")
+        if self.push_to_hub is not None:
+            from ..hub import is_repo_id
+
+            if not is_repo_id(self.push_to_hub):
+                raise UsageError(f"argument --push_to_hub: {self.push_to_hub!r} is not a Hub repo id.")
 
 
 @dataclass
@@ -76,24 +94,29 @@ class AnnotateArguments:
     num_bins: int | None = field(default=10, metadata={"help": "Equal-frequency bins; 0 keeps raw margins."})
     batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence; default: model context."})
-    truncation: str = field(default="error", metadata={"help": "'error' refuses longer rows, 'left' cuts prompts."})
+    truncation: Literal["error", "left"] = field(default="error", metadata={
+        "help": "'error' refuses longer rows, 'left' cuts prompts."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoints of an interrupted run."})
     checkpoint_every: int = field(default=512, metadata={"help": "Rows per checkpointed chunk."})
     drop_invalid: bool = field(
         default=False, metadata={"help": "Leave out rows that are not valid pairs (e.g. empty responses), listed."}
     )
 
+    def __post_init__(self):
+        _at_least(self, 0, "num_bins")
+        _at_least(self, 1, "batch_size", "max_length", "checkpoint_every")
+
 
 def read_prompts(path: str | Path, column: str, limit: int | None = None, harmful_column: str | None = None):
     """``(prompts, harmful responses or None)`` from a .csv, .jsonl or .txt file."""
     path = Path(path)
     if limit is not None and limit < 1:
-        raise SystemExit(f"--num_prompts must be >= 1, got {limit}.")
+        raise UsageError(f"--num_prompts must be >= 1, got {limit}.")
     if not path.is_file():
-        raise SystemExit(f"--prompts: {path} does not exist.")
+        raise FileNotFoundError(f"--prompts: {path} {'is a folder' if path.is_dir() else 'does not exist'}.")
     if path.suffix == ".txt":
         if harmful_column:
-            raise SystemExit("--harmful_column needs a .csv or .jsonl file.")
+            raise UsageError("--harmful_column needs a .csv or .jsonl file.")
         rows = [{column: line} for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
@@ -101,66 +124,60 @@ def read_prompts(path: str | Path, column: str, limit: int | None = None, harmfu
     elif path.suffix == ".jsonl":
         rows = read_jsonl(path)
     else:
-        raise SystemExit(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
+        raise UsageError(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
     rows = rows[:limit]
     for wanted in filter(None, (column, harmful_column)):
         missing = [i for i, row in enumerate(rows) if not isinstance(row.get(wanted), str) or not row[wanted].strip()]
         if missing:
-            raise SystemExit(f"--prompts: {path} row(s) {missing[:10]} have no text in column {wanted!r}.")
+            raise ValueError(f"--prompts: {path} row(s) {missing[:10]} have no text in column {wanted!r}.")
     harmful = [row[harmful_column] for row in rows] if harmful_column else None
     return [row[column] for row in rows], harmful
 
 
 def run_fit_vector(args: FitVectorArguments) -> int:
-    from ..models import load_model_and_tokenizer
-    from .vector import MarginVector
-
     from ..formats import check_template
+    from ..models import load_model_and_tokenizer, resolve_model_path
+    from .vector import MARGIN_VECTOR, MarginVector
 
     preset = {key: getattr(args, key) if getattr(args, key) is not None else value
               for key, value in FIT_PRESETS[args.preset].items()}
     try:
         check_template(args.template, "--template")
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise UsageError(str(err)) from None
+    # Everything that can be refused is refused before the model runs.
+    refuse_inputs(args.output, "--output", {"--model": args.model, "--prompts": args.prompts})
+    check_target(args.output, MARGIN_VECTOR, args.overwrite)
+    check_writable(args.output, "--output")
     prompts, harmful = read_prompts(args.prompts, args.prompt_column, preset["num_prompts"], args.harmful_column)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(resolve_model_path(args.model, "--model"), dtype=args.dtype)
     vec = MarginVector.induce(
         model, tokenizer, prompts, refusal=preset["refusal"], harmful_responses=harmful,
         max_new_tokens=preset["max_new_tokens"], layer=preset["layer"], pooling=preset["pooling"],
         template=args.template, batch_size=args.batch_size, progress=True,
     )
-    path = vec.save_pretrained(args.output)
+    path = vec.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model)
     print(f"saved {vec} to {path}")
     if args.push_to_hub:
-        print(vec.push_to_hub(args.push_to_hub))
+        print(vec.push_to_hub(args.push_to_hub, base_model=args.base_model))
     return 0
 
 
 def run_annotate(args: AnnotateArguments) -> int:
-    from .annotate import OutputLockedError, annotate
+    from .annotate import OUTPUT_SUFFIXES, annotate
     from .vector import MarginVector
 
+    local_or_repo_id(args.dataset, "--dataset")
+    check_output_file(args.output, OUTPUT_SUFFIXES, "--output", inputs={"--dataset": args.dataset})
     vec = MarginVector.from_pretrained(args.vector)
-    try:
-        dataset, diagnostics = annotate(
-            args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
-            batch_size=args.batch_size, output=args.output, resume=args.resume,
-            checkpoint_every=args.checkpoint_every, max_length=args.max_length, truncation=args.truncation,
-            drop_invalid=args.drop_invalid, with_diagnostics=True,
-        )
-    except OutputLockedError as err:  # a second run on the same output: one line, no traceback
-        raise SystemExit(f"repalign: error: {err}") from None
+    # A second run on the same output raises OutputLockedError (a RuntimeError): main() prints it in one line.
+    dataset, diagnostics = annotate(
+        args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
+        batch_size=args.batch_size, output=args.output, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, max_length=args.max_length, truncation=args.truncation,
+        drop_invalid=args.drop_invalid, with_diagnostics=True,
+    )
     positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
     print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs; "
           f"length diagnostic: {diagnostics}")
     return 0
-
-
-def register(subparsers) -> None:
-    from transformers import HfArgumentParser
-
-    parser = subparsers.add_parser("legend", help="LEGEND safety margins for preference datasets.")
-    commands = parser.add_subparsers(dest="legend_command", required=True, parser_class=HfArgumentParser)
-    add_command(commands, "fit-vector", FitVectorArguments, run_fit_vector, FitVectorArguments.__doc__)
-    add_command(commands, "annotate", AnnotateArguments, run_annotate, AnnotateArguments.__doc__)

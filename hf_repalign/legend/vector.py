@@ -30,8 +30,8 @@ from transformers.utils import logging
 
 from ..formats import Prompt, Template, check_template, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
-from ..hub import load_folder, push_folder, render_card, save_folder
-from ..models import EMBEDDED_MODEL_NAME, embedded_model_cache_dir
+from ..hub import (ArtifactKind, base_model_fields, base_model_id, check_target, config_has, load_folder,
+                   push_folder, render_card, require_base_model, save_folder)
 from .embedding import check_pooling, embed_pairs, encode_triplets
 from .margin import margin_direction
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS  # noqa: F401  (FIT_PRESETS re-exported)
@@ -40,6 +40,8 @@ logger = logging.get_logger(__name__)
 
 FORMAT_NAME = "hf_repalign.legend.MarginVector"
 UNIT_TOLERANCE = 1e-3
+MARGIN_VECTOR = ArtifactKind("LEGEND margin vector", ("config.json", "model.safetensors"),
+                             lambda folder: config_has(folder, "config.json", "format", FORMAT_NAME))
 
 
 def _hidden_size(model: torch.nn.Module) -> int:
@@ -49,9 +51,8 @@ def _hidden_size(model: torch.nn.Module) -> int:
 
 
 def _model_name(model: torch.nn.Module) -> str:
-    name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-    # The embedded model loads from a cache folder; record its public name instead of this machine's path.
-    return EMBEDDED_MODEL_NAME if Path(name) == embedded_model_cache_dir() else name
+    """The model's Hub id when known (the embedded model's cache folder included), else its local path."""
+    return base_model_id(model) or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
 
 
 class MarginVector:
@@ -204,41 +205,64 @@ class MarginVector:
         digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
         return digest.hexdigest()[:16]
 
+    def model_card(self, repo_id: str, base_model: str | None = None) -> str:
+        """The ``README.md`` card; its usage snippet loads the vector from ``repo_id`` (a Hub id or a folder)."""
+        base = base_model or base_model_id(self.model_name_or_path)
+        return render_card(
+            "legend_margin_vector.md",
+            {"library_name": "hf_repalign", "tags": ["legend", "reward-modeling", "safety"], "base_model": base},
+            repo_id=repo_id,
+            hidden_size=self.hidden_size,
+            layer=self.layer,
+            pooling=self.pooling,
+            template="the tokenizer's chat template" if self.template is None else repr(self.template),
+            n_pairs=self.n_pairs,
+            num_hidden_layers=self.num_hidden_layers,
+            **base_model_fields(base, self.model_name_or_path),
+        )
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None,
-                        **push_kwargs) -> Path:
-        """Write ``model.safetensors`` (the direction), ``config.json`` and a ``README.md`` card, atomically."""
+                        overwrite: bool = False, base_model: str | None = None, **push_kwargs) -> Path:
+        """Write ``model.safetensors`` (the direction), ``config.json`` and a ``README.md`` card as one atomic save.
+
+        Other files in ``save_directory`` are kept; a folder holding something else (a model's weights) is refused
+        unless ``overwrite=True``. ``base_model`` is the Hub id recorded in the card (default: the fitted model's
+        id when known).
+        """
         if callable(self.template):
             raise ValueError(
                 "this vector was fitted with a callable template, which cannot be saved; fit it with a format "
                 "string such as '{prompt}\\n{response}' or with the chat template (template=None)."
             )
-        card = render_card(
-            "legend_margin_vector.md",
-            model_name_or_path=str(self.model_name_or_path),
-            hidden_size=self.hidden_size,
-            layer=self.layer,
-            pooling=self.pooling,
-            template="the tokenizer's chat template" if self.template is None else repr(self.template),
-            n_pairs=str(self.n_pairs),
-            num_hidden_layers=str(self.num_hidden_layers),
-        )
-        path = save_folder(save_directory, {"direction": self.direction}, self.config_dict(), card)
+        check_target(save_directory, MARGIN_VECTOR, overwrite)
+        card = self.model_card(str(save_directory), base_model)
+        path = save_folder(save_directory, MARGIN_VECTOR, {"direction": self.direction}, self.config_dict(), card,
+                           overwrite=overwrite)
         if push_to_hub:
-            push_folder(path, repo_id or Path(save_directory).name, **push_kwargs)
+            self.push_to_hub(repo_id or Path(save_directory).name, base_model=base_model, **push_kwargs)
         return path
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-        """Save to a temporary folder and upload it to ``repo_id`` on the Hub."""
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    base_model: str | None = None, commit_message: str = "Upload LEGEND margin vector") -> str:
+        """Upload the vector (with a card whose snippet loads ``repo_id``) to the Hub; returns the commit URL.
+
+        The card must name the base model by its Hub id: pass ``base_model`` when the vector was fitted on a local
+        folder whose config records none.
+        """
         import tempfile
 
+        base = require_base_model(base_model, base_model_id(self.model_name_or_path) or self.model_name_or_path,
+                                  "margin vector")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "vector")
-            return push_folder(folder, repo_id, private=private, token=token)
+            folder = Path(tmp) / "vector"
+            save_folder(folder, MARGIN_VECTOR, {"direction": self.direction},
+                        dict(self.config_dict(), model_name_or_path=base), self.model_card(repo_id, base))
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs) -> "MarginVector":
         """Load a vector saved by :meth:`save_pretrained` (local folder or Hub repo id)."""
-        tensors, config = load_folder(path_or_repo_id, **hub_kwargs)
+        tensors, config = load_folder(path_or_repo_id, what="margin vector", **hub_kwargs)
         if config.get("format") != FORMAT_NAME or "direction" not in tensors:
             raise ValueError(f"{path_or_repo_id} does not hold a LEGEND margin vector (config format "
                              f"{config.get('format')!r}).")

@@ -1,24 +1,20 @@
-"""Linear Alignment (Gao et al., ICML 2024): principle-guided decoding with no training."""
+"""Linear Alignment (Gao et al., ICML 2024): principle-guided decoding with no training.
 
-from .paired import paired_generate
-from .principles import (
-    HARMLESS_PRINCIPLE,
-    build_principle_inputs,
-    default_system_prompt,
-    personal_preference_principle,
-    with_principle,
-)
-from .processor import AUTHORS_PRESET, LinearAlignmentProcessor
-from .rule import align_scores
+Names load lazily, so ``hf_repalign.linear_alignment.cli`` stays light.
+"""
 
-__all__ = [
-    "AUTHORS_PRESET",
-    "HARMLESS_PRINCIPLE",
-    "LinearAlignmentProcessor",
-    "align_scores",
-    "build_principle_inputs",
-    "default_system_prompt",
-    "paired_generate",
-    "personal_preference_principle",
-    "with_principle",
-]
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "AUTHORS_PRESET": "processor",
+    "HARMLESS_PRINCIPLE": "principles",
+    "LinearAlignmentProcessor": "processor",
+    "align_scores": "rule",
+    "build_principle_inputs": "principles",
+    "default_system_prompt": "principles",
+    "paired_generate": "paired",
+    "personal_preference_principle": "principles",
+    "with_principle": "principles",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

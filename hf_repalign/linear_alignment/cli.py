@@ -7,17 +7,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-
-from hf_repalign.cli import DType, add_command
-from hf_repalign.models import load_model_and_tokenizer
-
-from .paired import paired_generate
-from .principles import HARMLESS_PRINCIPLE, build_principle_inputs
-from .processor import AUTHORS_PRESET, LinearAlignmentProcessor
-
+from ..cli import DType, UsageError
+from .principles import HARMLESS_PRINCIPLE  # light: its transformers names are types only
 
 Preset = Literal["authors"]
 SystemMode = Literal["append", "replace"]
@@ -49,19 +40,37 @@ class GenerateArguments:
         "help": "generate's repetition penalty; acts on the aligned scores."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
+    def __post_init__(self):
+        if not self.question:
+            raise UsageError("give at least one question (bare words or --question).")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"argument --max_new_tokens: must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature <= 0:
+            raise UsageError(f"argument --temperature: must be > 0, got {self.temperature}.")
+        if self.principle_temperature is not None and self.principle_temperature <= 0:
+            raise UsageError(f"argument --principle_temperature: must be > 0, got {self.principle_temperature}.")
+        for name in ("top_p", "principle_top_p"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise UsageError(f"argument --{name}: must be in (0, 1], got {value}.")
+        if not self.principle.strip():
+            raise UsageError("argument --principle: must not be empty.")
 
-class _TokenProgress(StoppingCriteria):
-    """Advances a progress bar once per step and never stops generation.
+
+def _token_progress(bar):
+    """A stopping criterion that advances ``bar`` once per step and never stops generation.
 
     A stopping criterion rather than a streamer: transformers does not hand streamers to ``custom_generate`` loops.
     """
+    import torch
+    from transformers import StoppingCriteria
 
-    def __init__(self, bar: tqdm) -> None:
-        self.bar = bar
+    class TokenProgress(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        self.bar.update(1)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    return TokenProgress()
 
 
 def _columns(titles: list[str], texts: list[str]) -> str:
@@ -74,8 +83,15 @@ def _columns(titles: list[str], texts: list[str]) -> str:
 
 
 def run(args: GenerateArguments) -> int:
-    if not args.question:
-        raise SystemExit("repalign generate: give at least one question.")
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from ..models import load_model_and_tokenizer
+    from .paired import paired_generate
+    from .principles import build_principle_inputs
+    from .processor import AUTHORS_PRESET, LinearAlignmentProcessor
+
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     plain, principle = build_principle_inputs(tokenizer, args.question, args.principle,
@@ -100,16 +116,10 @@ def run(args: GenerateArguments) -> int:
     answers = []
     for title, inputs, extra in runs:
         with tqdm(total=args.max_new_tokens, desc=title, unit="tok", leave=False) as bar:
-            progress = StoppingCriteriaList([_TokenProgress(bar)])
+            progress = StoppingCriteriaList([_token_progress(bar)])
             out = model.generate(**inputs, stopping_criteria=progress, **gen, **extra)
         answers.append(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     for row, question in enumerate(args.question):
         print(f"\nQ: {question}\nprinciple: {args.principle[:200]}{'...' if len(args.principle) > 200 else ''}\n")
         print(_columns([title for title, _, _ in runs], [a[row].strip() for a in answers]))
     return 0
-
-
-def register(subparsers) -> None:
-    add_command(subparsers, "generate", GenerateArguments, run,
-                help="Answer with plain, principle-prompted and Linear-Alignment decoding, side by side.",
-                positional="question")

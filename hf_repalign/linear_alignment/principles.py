@@ -14,9 +14,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # types only: `repalign generate --help` reads HARMLESS_PRINCIPLE without loading transformers
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
 Conversation = Union[str, Messages]

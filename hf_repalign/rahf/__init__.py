@@ -6,7 +6,7 @@ Example:
     >>> from hf_repalign.rahf import SCITConfig, SCITTrainer, RAHFConfig, RAHFTrainer
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "DualConfig": "dual",
@@ -29,8 +29,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,17 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from transformers import HfArgumentParser
-from transformers.utils import logging
-
+from ..cli import UsageError
+from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, check_target, check_writable, local_or_repo_id
 from .dual import DualConfig
 from .scit import SCITConfig
 from .trainer import RAHFConfig
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -31,7 +28,14 @@ class _Common:
     dataset: str | None = field(default=None, metadata={"help": "Preference data: .json/.jsonl(.gz) file, folder "
                                                                  "or Hub id (TRL preference format)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to load."})
-    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (N >= 1)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Save even if --output_dir holds another artifact (its clashing files are replaced; others kept)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_rows is not None and self.max_rows < 1:
+            raise UsageError(f"argument --max_rows: must be >= 1, got {self.max_rows}.")
 
 
 @dataclass
@@ -59,24 +63,36 @@ class AlignCommand(_Common, RAHFConfig):
         "help": "SCIT adapter/model folder (scit), or good and bad folders (dual)."})
 
 
+def check_dataset(path: str | None, split: str = "train") -> Path | str:
+    """The ``--dataset`` as a local path or a Hub id, refused before any work when it cannot be one."""
+    if not path:
+        raise UsageError("--dataset is required (a .json/.jsonl(.gz) file, a folder or a Hub id).")
+    location = local_or_repo_id(path, "--dataset")
+    if isinstance(location, Path) and location.is_file() and split != "train":
+        raise UsageError(f"--dataset_split {split!r} applies to folders and Hub ids; {location} is one file.")
+    return location
+
+
 def load_rows(path: str | None, split: str = "train", max_rows: int | None = None):
     """A preference dataset from a local file or folder, or the Hub."""
-    from pathlib import Path
-
     from datasets import load_dataset
 
-    if not path:
-        raise SystemExit("--dataset is required (a .json/.jsonl(.gz) file, a folder or a Hub id).")
-    local = Path(path)
-    if local.is_file():
-        if split != "train":
-            raise SystemExit(f"--dataset_split {split!r} applies to folders and Hub ids; {local} is one file.")
-        dataset = load_dataset("json", data_files=str(local), split="train")
+    location = check_dataset(path, split)
+    if isinstance(location, Path) and location.is_file():
+        dataset = load_dataset("json", data_files=str(location), split="train")
     else:
-        dataset = load_dataset(str(local) if local.is_dir() else path, split=split)
+        dataset = load_dataset(str(location), split=split)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
+
+
+def _check_output(args: _Common, *kinds_and_folders) -> None:
+    """Refuse a bad --output_dir (another artifact, read-only) before any model is loaded."""
+    check_dataset(args.dataset, args.dataset_split)
+    for kind, folder in kinds_and_folders:
+        check_target(folder, kind, args.overwrite)
+        check_writable(folder, "--output_dir")
 
 
 def _load(args: _Common):
@@ -102,6 +118,7 @@ def _config(args, config_class):
 def run_scit(args: SCITCommand) -> int:
     from .scit import SCITTrainer
 
+    _check_output(args, (PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL, args.output_dir))
     model, tokenizer = _load(args)
     rows = load_rows(args.dataset, args.dataset_split, args.max_rows)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
@@ -115,6 +132,8 @@ def run_scit(args: SCITCommand) -> int:
 def run_dual(args: DualCommand) -> int:
     from .dual import train_dual
 
+    kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
+    _check_output(args, *((kind, Path(args.output_dir) / side) for side in ("good", "bad")))
     model, tokenizer = _load(args)
     folders = train_dual(model, tokenizer, load_rows(args.dataset, args.dataset_split, args.max_rows),
                          _config(args, DualConfig), peft_config=_lora(args) if args.use_peft else None)
@@ -126,8 +145,14 @@ def run_align(args: AlignCommand) -> int:
     from .trainer import RAHFTrainer
 
     if args.precomputed_targets and args.instructed:
-        raise SystemExit("--instructed and --precomputed_targets exclude each other: precomputed targets replace "
+        raise UsageError("--instructed and --precomputed_targets exclude each other: precomputed targets replace "
                          "the instructed model(s), which are then not loaded.")
+    for name, folder in [("--instructed", p) for p in args.instructed] + [("--precomputed_targets",
+                                                                            args.precomputed_targets)]:
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{name}: {folder} {'is a file' if Path(folder).exists() else 'does not exist'}"
+                                    "; give the folder written by the previous step.")
+    _check_output(args, (PEFT_ADAPTER, args.output_dir))
     from .trainer import is_full_model
 
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
@@ -138,19 +163,8 @@ def run_align(args: AlignCommand) -> int:
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=load_rows(args.dataset,
                           args.dataset_split, args.max_rows), processing_class=tokenizer, instructed=instructed)
     trainer.train()
-    trainer.save_pretrained(args.output_dir)
+    trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
         trainer.push_to_hub()
     print(f"RAHF adapter saved to {args.output_dir}")
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_command
-
-    parser = subparsers.add_parser("rahf", help="RAHF: SCIT or Dual instructed models, then representation "
-                                                "alignment with a LoRA.")
-    steps = parser.add_subparsers(dest="rahf_command", required=True, parser_class=HfArgumentParser)
-    add_command(steps, "scit", SCITCommand, run_scit, "Step 1a: contrastive instruction tuning (Eq. 1).")
-    add_command(steps, "dual", DualCommand, run_dual, "Step 1b: good and bad models on chosen / rejected.")
-    add_command(steps, "align", AlignCommand, run_align, "Step 2: train the RAHF LoRA adapter.")

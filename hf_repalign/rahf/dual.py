@@ -25,11 +25,12 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from ..formats import encode_pair, to_triplet
-from ..hub import atomic_folder
+from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from .instructions import instructed_template
 from .scit import seed_before_init
 from .trainer_mixin import FiniteLossMixin
 from .validation import require_finite_weights, require_number, write_signature
+from .trainer_mixin import save_training_args
 
 logger = logging.get_logger(__name__)
 
@@ -164,12 +165,14 @@ def train_dual(
         trainer.train()
         folders[name] = root / name
         if trainer.args.should_save:
-            with atomic_folder(folders[name]) as tmp:
+            kind = PEFT_ADAPTER if peft_model is not None else TRANSFORMERS_MODEL
+            with atomic_folder(folders[name], kind) as tmp:
                 if peft_model is not None:
                     _save_adapter(peft_model, name, tmp)
                 else:
                     require_finite_weights(trained, f"Dual {name} model")
                     trainer._save(str(tmp))  # full weights on the main process (sharded setups are refused above)
+                    save_training_args(trainer.args, tmp)  # JSON, not Trainer's pickle
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the loss history
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
     return folders

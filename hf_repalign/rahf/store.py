@@ -4,8 +4,8 @@ in memory beside the model being trained.
 Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
 ``str(example_index)``; ``targets.json`` maps keys to shards and records the layers and the base model (id, depth,
 width, vocabulary), which a trainer using the folder checks against its own base. The folder is written
-atomically (built beside its destination, then renamed): an interrupted precompute leaves the previous folder or
-none, never a partial one.
+atomically with ``hub.atomic_folder``: an interrupted precompute leaves the previous targets or none, never a
+partial set, and other files in the folder are kept.
 
 Example:
     >>> trainer.precompute_targets("out/targets")          # with the instructed model(s) loaded
@@ -24,10 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..hub import atomic_folder
-from .validation import check_signature
+from ..hub import ArtifactKind, atomic_folder
+from .validation import SIGNATURE_FILE, check_signature
 
 INDEX_NAME = "targets.json"
+TARGETS = ArtifactKind("RAHF precomputed targets", (INDEX_NAME, "targets-*.safetensors", SIGNATURE_FILE),
+                       lambda folder: (folder / INDEX_NAME).is_file())
 
 
 def write_targets(
@@ -40,7 +42,7 @@ def write_targets(
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     names: list[str] = []
-    with atomic_folder(directory) as tmp:
+    with atomic_folder(directory, TARGETS) as tmp:
 
         def flush():
             if shard:

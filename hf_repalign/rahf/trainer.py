@@ -37,7 +37,8 @@ from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
 from ..hidden import num_hidden_layers
-from ..hub import atomic_folder, atomic_write_text, render_card
+from ..hub import (PEFT_ADAPTER, atomic_folder, base_model_fields, base_model_id, is_repo_id, push_folder,
+                   render_card, require_base_model)
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
 from .patterns import (
     PAPER_LAYERS,
@@ -50,7 +51,7 @@ from .patterns import (
 )
 from .scit import load_causal_lm, prepare_train_eval, seed_before_init
 from .store import TargetStore, write_targets
-from .trainer_mixin import RAHFTrainerMixin
+from .trainer_mixin import RAHFTrainerMixin, save_training_args
 from .validation import (
     base_signature,
     check_adapter_folder,
@@ -156,6 +157,10 @@ class RAHFConfig(TrainingArguments):
     lora_target_modules: list[str] | None = field(default=None, metadata={
         "help": "Default: all linear layers (ours; authors: q_proj, v_proj)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Recorded in the model card."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the base model, recorded in adapter_config.json and the card; default: taken from the "
+                "model (the embedded model is HuggingFaceTB/SmolLM2-135M-Instruct). Needed to push an adapter "
+                "trained on a local folder whose config records no Hub id."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAHF needs its own columns."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "LoRA is limited to layers below the top target, so all are used."}
@@ -574,26 +579,35 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         return write_targets(directory, items(), self.layers, shard_size,
                              base_signature(self.accelerator.unwrap_model(self.model)))
 
-    # ---- saving: a standard PEFT adapter (only the trained one) plus our model card ----
+    # ---- saving: a standard PEFT adapter (only the trained one) plus our model card; no pickle ----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The Trainer's state_dict is ignored: the adapter is gathered from the model itself (ZeRO-3 included).
-        with self._gathered_adapter():
-            if self.args.should_save:
-                self._write(output_dir if output_dir is not None else self.args.output_dir)
+        self.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
-    def _write(self, output_dir: str) -> None:
-        os.makedirs(output_dir, exist_ok=True)
+    def base_model_id(self) -> str | None:
+        """The base model's Hub id: ``args.base_model``, else the one known for the model (None for a local one)."""
         peft_model = self.accelerator.unwrap_model(self.model)
+        return self.args.base_model or base_model_id(peft_model.base_model.model)
+
+    def _write(self, output_dir: Path, repo_id: str, base_model: str | None) -> None:
+        peft_model = self.accelerator.unwrap_model(self.model)
+        config = peft_model.peft_config[ADAPTER]
+        local = config.base_model_name_or_path
+        # A Hub id loads anywhere; without one, the local path still loads on this machine.
+        config.base_model_name_or_path = base_model or local
         require_finite_weights(peft_model, "RAHF adapter")
-        peft_model.save_pretrained(output_dir, selected_adapters=[ADAPTER])
+        try:
+            peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
+        finally:
+            config.base_model_name_or_path = local
         # With lora_on="instructed" on a step-1 adapter, the final model is base + that adapter + this one.
         stacked_on = [self.positive.path or self.positive.adapters[0]] if self.stack and self.positive else self.stack
         write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=stacked_on)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        atomic_write_text(Path(output_dir) / "README.md", self.model_card())
+            self.processing_class.save_pretrained(str(output_dir))
+        save_training_args(self.args, output_dir)
+        (output_dir / "README.md").write_text(self.model_card(repo_id, base_model), encoding="utf-8")
 
     def _gathered_adapter(self) -> contextlib.AbstractContextManager:
         """Under DeepSpeed ZeRO-3 the adapter's full weights (a collective: every process must enter it)."""
@@ -605,39 +619,67 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         adapter = [p for name, p in peft_model.named_parameters() if f".{ADAPTER}." in name]
         return deepspeed.zero.GatheredParameters(adapter)  # a no-op for parameters ZeRO does not partition
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the adapter, tokenizer and model card to ``save_directory`` atomically (main process only).
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the adapter, tokenizer, ``training_args.json`` and card into ``save_directory`` (main process only).
 
-        Call it on every process: under DeepSpeed ZeRO-3 the adapter is gathered from all of them first.
+        One atomic save that keeps the folder's other files (``checkpoint-*`` included); a folder holding something
+        else (a model's weights) is refused unless ``overwrite=True``. Call it on every process: under DeepSpeed
+        ZeRO-3 the adapter is gathered from all of them first.
         """
         target = Path(save_directory)
         with self._gathered_adapter():
             if self.args.should_save:
-                with atomic_folder(target) as tmp:
-                    self._write(str(tmp))
+                with atomic_folder(target, PEFT_ADAPTER, overwrite) as tmp:
+                    self._write(tmp, str(target), self.base_model_id())
         return target
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        atomic_write_text(Path(self.args.output_dir) / "README.md", self.model_card())
+    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "Upload RAHF adapter",
+                    private: bool | None = None, token: str | None = None, **kwargs) -> str | None:
+        """Upload the adapter, tokenizer and card (nothing else of ``output_dir``) to ``repo_id``.
 
-    def model_card(self) -> str:
+        ``repo_id`` defaults to ``args.hub_model_id`` or the name of ``output_dir``. The base model must be known by
+        its Hub id (``args.base_model``); offline (``HF_HUB_OFFLINE=1``) this fails at once.
+        """
+        import tempfile
+
+        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        base = require_base_model(self.args.base_model, self.base_model_id() or
+                                  self.accelerator.unwrap_model(self.model).peft_config[ADAPTER]
+                                  .base_model_name_or_path, "RAHF adapter")
+        with self._gathered_adapter():
+            if not self.args.should_save:
+                return None
+            with tempfile.TemporaryDirectory() as tmp:
+                self._write(Path(tmp), repo_id, base)
+                return push_folder(tmp, repo_id, private=self.args.hub_private_repo if private is None else private,
+                                   token=token or self.args.hub_token, commit_message=commit_message)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Our card is part of every save (``save_pretrained``); Trainer's generic one is not written."""
+
+    def model_card(self, repo_id: str | None = None, base_model: str | None = None) -> str:
+        """The ``README.md`` card; its snippet loads the adapter from ``repo_id`` (a Hub id or a folder)."""
         peft_model = self.accelerator.unwrap_model(self.model)
-        base = peft_model.peft_config[ADAPTER].base_model_name_or_path or "unknown"
+        base = base_model or self.base_model_id()
         losses = [entry for entry in self.state.log_history if "loss" in entry]
         metrics = {k: round(v, 4) for k, v in (losses[-1] if losses else {}).items() if isinstance(v, float)}
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
         if evals:
             metrics.update({k: round(v, 4) for k, v in evals[-1].items() if isinstance(v, float)})
+        card_data = {"library_name": "peft", "tags": ["rahf", "representation-engineering", "lora"],
+                     "base_model": base, "datasets": [self.args.dataset_name] if is_repo_id(self.args.dataset_name or "") else None}
         return render_card(
             "rahf_adapter.md",
-            base_model=base,
+            card_data,
+            repo_id=repo_id or self.args.output_dir,
             method=f"RAHF-{self.args.method.upper()}",
             layers=", ".join(map(str, self.layers)),
-            alpha=str(self.args.alpha),
+            alpha=self.args.alpha,
             loss_type=self.args.loss_type,
-            lora_r=str(peft_model.peft_config[ADAPTER].r),
+            lora_r=peft_model.peft_config[ADAPTER].r,
             dataset=self.args.dataset_name or "a preference dataset (not named)",
-            num_examples=str(len(self.train_dataset) if self.train_dataset is not None else 0),
-            steps=str(self.state.global_step),
+            num_examples=len(self.train_dataset) if self.train_dataset is not None else 0,
+            steps=self.state.global_step,
             metrics=json.dumps(metrics) if metrics else "none logged",
+            **base_model_fields(base, peft_model.peft_config[ADAPTER].base_model_name_or_path),
         )

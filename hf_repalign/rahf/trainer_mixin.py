@@ -8,6 +8,10 @@ Under gradient accumulation the Trainer counts the items of all micro-batches of
 gradient equals the one of the whole batch at once. Without a count (evaluation, older transformers) the loss is the
 micro-batch mean and the Trainer divides it by the accumulation steps.
 
+Saving: the final model is written with ``hub.atomic_folder`` (other files in the folder are kept, the training
+arguments as JSON instead of a pickle), and each checkpoint is built under a hidden name and renamed into place once
+complete, so ``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill.
+
 Example:
     >>> class MyTrainer(RAHFTrainerMixin, Trainer):
     ...     def _count_items(self, batch): return batch["mask"].sum()
@@ -15,9 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 
 
 class FiniteLossMixin:
@@ -85,3 +94,53 @@ class RAHFTrainerMixin(FiniteLossMixin):
             logs.update({f"{prefix}{name}": value for name, value in zip(names, means)})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    # ---- saving ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:  # only here for the collectives of a sharded save
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        kind = PEFT_ADAPTER if hasattr(model, "peft_config") else TRANSFORMERS_MODEL
+        with atomic_folder(output_dir, kind) as tmp:
+            super()._save(str(tmp), state_dict)
+            save_training_args(self.args, tmp)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        # One name on every process (each rank writes its optimizer shards into it); not matched by `checkpoint-*`.
+        staging = run_dir / f".{name}.partial"
+        if self.args.should_save:
+            for leftover in run_dir.glob(f".{PREFIX_CHECKPOINT_DIR}-*.partial"):  # of killed runs
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            final = run_dir / name
+            if final.exists():  # the same step saved again (a resumed run): ours to replace
+                final.rename(staging / f"{name}.old")
+            (staging / name).rename(final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+def save_training_args(args, folder: str | os.PathLike) -> None:
+    """The training arguments as ``training_args.json`` (instead of Trainer's pickled ``training_args.bin``)."""
+    folder = Path(folder)
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    (folder / "training_args.json").write_text(args.to_json_string())
