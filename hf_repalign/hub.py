@@ -412,6 +412,11 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+# A name ending like a file is a mistyped path, never a Hub id (though "data.jsonl" is a valid repo id).
+_FILE_SUFFIXES = {".json", ".jsonl", ".gz", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml",
+                  ".safetensors", ".bin", ".pt", ".gguf", ".zip", ".tar"}
+
+
 def local_or_repo_id(name: str | os.PathLike, what: str = "path") -> Path | str:
     """An existing local path as a ``Path``, else ``name`` as a Hub repo id; a missing path is reported as such.
 
@@ -422,7 +427,8 @@ def local_or_repo_id(name: str | os.PathLike, what: str = "path") -> Path | str:
     if local.exists():
         return local
     text = str(name)
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+    looks_local = (text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+                   or local.suffix.lower() in _FILE_SUFFIXES)
     if looks_local or not is_repo_id(text):
         raise FileNotFoundError(f"{what} {text!r} does not exist (not a local path, nor a Hub repo id).")
     return text

@@ -1,6 +1,7 @@
 """``repalign legend fit-vector`` and ``repalign legend annotate`` on a tiny saved model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,9 +14,7 @@ from hf_repalign.testing import tiny_model
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    # Only this subpackage's commands: the other methods' CLIs live on other branches.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("hf_repalign.legend.cli",))
+def run_cli():
     return cli.main
 
 
@@ -54,9 +53,9 @@ def test_fit_vector_then_annotate(run_cli, model_dir, tmp_path, capsys):
     assert [r["margin_raw"] for r in written] == pytest.approx([e["margin_raw"] for e in expected], abs=1e-5)
 
     data.write_text("".join(json.dumps(dict(r, chosen="" if r["id"] == 2 else r["chosen"])) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match="repalign: error: row 2, field `chosen`"):
-        run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
-                 "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"])
+    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
+                    "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"]) == 1
+    assert "repalign: error: row 2, field `chosen`" in capsys.readouterr().err
     assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--drop_invalid",
                     "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"]) == 0
     assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [0, 1, 3, 4, 5]
@@ -65,22 +64,23 @@ def test_fit_vector_then_annotate(run_cli, model_dir, tmp_path, capsys):
                     "--vector", str(tmp_path / "vec"), "--output", str(output), "--dtype", "bfloat16"]) == 0
     bf16 = [json.loads(line)["margin_raw"] for line in output.read_text().splitlines()]
     assert len(bf16) == 5 and bf16 != pytest.approx([written[i]["margin_raw"] for i in (0, 1, 3, 4, 5)], abs=1e-6)
-    with pytest.raises(SystemExit):
-        run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
-                 "--vector", str(tmp_path / "vec"), "--output", str(output), "--dtype", "bf16"])
-    assert "argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err
+    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data),
+                    "--vector", str(tmp_path / "vec"), "--output", str(output), "--dtype", "bf16"]) == 2
+    assert "repalign: error: argument --dtype: invalid choice: 'bf16'" in capsys.readouterr().err
 
 
-def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path):
+def test_fit_vector_reports_bad_prompt_files(run_cli, tmp_path, capsys):
     bad = tmp_path / "goals.csv"
     bad.write_text("goal,target\nHow to pick a lock,\n")
-    with pytest.raises(SystemExit, match=r"row\(s\) \[0\] have no text in column 'target'"):
-        run_cli(["legend", "fit-vector", "--prompts", str(bad), "--harmful_column", "target",
-                 "--output", str(tmp_path / "v")])
-    with pytest.raises(SystemExit, match="does not exist"):
-        run_cli(["legend", "fit-vector", "--prompts", str(tmp_path / "none.csv"), "--output", str(tmp_path / "v")])
-    with pytest.raises(SystemExit, match="--num_prompts must be >= 1, got 0"):
-        run_cli(["legend", "fit-vector", "--prompts", str(bad), "--num_prompts", "0", "--output", str(tmp_path / "v")])
+    assert run_cli(["legend", "fit-vector", "--prompts", str(bad), "--harmful_column", "target",
+                    "--output", str(tmp_path / "v")]) == 1
+    assert "row(s) [0] have no text in column 'target'" in capsys.readouterr().err
+    assert run_cli(["legend", "fit-vector", "--prompts", str(tmp_path / "none.csv"),
+                    "--output", str(tmp_path / "v")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert run_cli(["legend", "fit-vector", "--prompts", str(bad), "--num_prompts", "0",
+                    "--output", str(tmp_path / "v")]) == 2
+    assert "--num_prompts: must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -106,15 +106,15 @@ def test_fit_vector_presets_and_explicit_flags(run_cli, model_dir, tmp_path, mon
     assert seen == expected
 
 
-def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp_path):
+def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp_path, capsys):
     goals = tmp_path / "goals.txt"
     goals.write_text("How to pick a lock\n")
-    with pytest.raises(SystemExit, match="only {prompt} and {response} are allowed"):
-        run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals), "--output",
-                 str(tmp_path / "vec"), "--template", "{prompt:>5000000}{response}"])
+    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--prompts", str(goals), "--output",
+                    str(tmp_path / "vec"), "--template", "{prompt:>5000000}{response}"]) == 2
+    assert "only {prompt} and {response} are allowed" in capsys.readouterr().err
 
 
-def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_path):
+def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_path, capsys):
     from hf_repalign.legend.annotate import OutputLock
 
     data = tmp_path / "prefs.jsonl"
@@ -123,7 +123,7 @@ def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_p
     vec.save_pretrained(tmp_path / "vec")
     output = tmp_path / "out.jsonl"
     with OutputLock(output):
-        with pytest.raises(SystemExit, match=r"^repalign: error: another annotate run \(pid \d+\) is writing"):
-            run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--vector",
-                     str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"])
+        assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--vector",
+                        str(tmp_path / "vec"), "--output", str(output), "--num_bins", "0"]) == 1
+        assert re.match(r"^repalign: error: another annotate run \(pid \d+\) is writing", capsys.readouterr().err)
     assert not output.exists()
