@@ -138,13 +138,22 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _pending_staging(folder: Path) -> str | None:
+    """The staging folder named by an interrupted commit's journal in ``folder``, if any."""
+    try:
+        return json.loads((folder / _JOURNAL).read_text())["staging"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def clean_leftovers(folder: str | os.PathLike) -> list[str]:
     """Remove temp files/folders of crashed hf_repalign writers in ``folder``; returns their names."""
     folder = Path(folder)
     removed = []
+    pending = _pending_staging(folder)  # still needed to complete an interrupted commit
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in folder.iterdir():
-            if entry.name.startswith(_PREFIX) and entry.name != _JOURNAL and _writer_is_dead(entry.name):
+            if entry.name.startswith(_PREFIX) and entry.name not in (_JOURNAL, pending) and _writer_is_dead(entry.name):
                 _remove(entry)
                 removed.append(entry.name)
     return removed
@@ -361,7 +370,8 @@ def atomic_folder(save_directory: str | os.PathLike, kind: ArtifactKind, overwri
             _commit(target, staging, kind)
         committed = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if _pending_staging(target) != staging.name:  # else our commit failed half-way: the next access completes it
+            shutil.rmtree(staging, ignore_errors=True)
         if created and not committed:
             with contextlib.suppress(OSError):  # only if still empty: a concurrent writer may have used it
                 target.rmdir()

@@ -349,20 +349,19 @@ def test_cli_generate_prints_three_answers_side_by_side(llama, tokenizer, tmp_pa
 
 
 def test_cli_generate_loads_the_requested_dtype(llama, tokenizer, tmp_path, monkeypatch):
-    from hf_repalign import cli
-    from hf_repalign.linear_alignment import cli as la_cli
+    from hf_repalign import cli, models
 
     llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     seen = []
-    real = la_cli.load_model_and_tokenizer
+    real = models.load_model_and_tokenizer
 
     def spy(*args, **kwargs):
         model, tok = real(*args, **kwargs)
         seen.append(model.dtype)
         return model, tok
 
-    monkeypatch.setattr(la_cli, "load_model_and_tokenizer", spy)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", spy)  # the command imports it when it runs
     assert cli.main(["generate", "Hi", "--model", str(tmp_path), "--max_new_tokens", "2", "--dtype", "bfloat16",
                      "--principle", PRINCIPLE]) == 0
     assert seen == [torch.bfloat16]
