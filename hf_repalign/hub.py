@@ -520,7 +520,9 @@ def base_model_id(model_or_path: Any) -> str | None:
 
 def require_base_model(base_model: str | None, recorded: str | None, what: str) -> str:
     """The base model's Hub id for a push: ``base_model`` if given, else the recorded id, else a clear error."""
-    chosen = base_model or (recorded if recorded and is_repo_id(recorded) and not Path(recorded).exists() else None)
+    # A recorded name counts only as "namespace/name": a bare word may be a class name or a folder name.
+    chosen = base_model or (recorded if recorded and "/" in recorded and is_repo_id(recorded)
+                            and not Path(recorded).exists() else None)
     if not chosen:
         raise ValueError(f"cannot push the {what}: its base model ({recorded or 'unknown'!s}) is a local folder, not "
                          "a Hub id; pass base_model='namespace/name' (--base_model) so that others can load it.")

@@ -208,7 +208,9 @@ def test_push_to_hub_uploads_the_saved_folder(vector, monkeypatch):
         return "url"
 
     monkeypatch.setattr("hf_repalign.legend.vector.push_folder", fake_push)
-    assert vector.push_to_hub("me/vec") == "url"
+    with pytest.raises(ValueError, match="base_model="):  # fitted on an in-memory model: no Hub id known
+        vector.push_to_hub("me/vec")
+    assert vector.push_to_hub("me/vec", base_model="org/tiny") == "url"
     assert seen == {"files": ["README.md", "config.json", "model.safetensors"], "repo": "me/vec"}
 
 
