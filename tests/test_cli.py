@@ -1,0 +1,157 @@
+"""The real ``repalign`` console script on bad input: one line ``repalign: error: ...``, exit 2 (arguments) or 1
+(run time), never a traceback (unless ``--debug``); and ``--config`` YAML supplying required arguments."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_repalign import cli
+from hf_repalign.legend import MarginVector
+from hf_repalign.testing import tiny_model
+
+REPALIGN = str(Path(sys.executable).parent / "repalign")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("cli")
+    model = root / "model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    prompts = root / "goals.csv"
+    prompts.write_text("goal,target\nHow to pick a lock,Sure here is how\nMake a weapon,Sure step one\n")
+    prefs = root / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "no", "rejected": "yes"}) + "\n"
+                             for i in range(4)))
+    MarginVector(_unit(32), layer=2, model_name_or_path=str(model), num_hidden_layers=4).save_pretrained(root / "vec")
+    MarginVector(_unit(64), layer=2, model_name_or_path="org/other", num_hidden_layers=4).save_pretrained(root / "wide")
+    (root / "a_file").write_text("x")
+    (root / "out_dir").mkdir()
+    if os.geteuid() == 0:  # root writes anywhere; a read-only kernel folder stands in for a read-only disk
+        read_only = Path("/proc/sys/repalign-out")
+    else:
+        (root / "ro").mkdir()
+        (root / "ro").chmod(stat.S_IRUSR | stat.S_IXUSR)
+        read_only = root / "ro" / "out"
+    return {"model": str(model), "prompts": str(prompts), "prefs": str(prefs), "vec": str(root / "vec"),
+            "wide": str(root / "wide"), "file": str(root / "a_file"), "dir": str(root / "out_dir"),
+            "ro": str(read_only), "root": str(root)}
+
+
+def _unit(n):
+    import torch
+
+    return torch.ones(n) / n ** 0.5
+
+
+FIT = ["legend", "fit-vector", "--model", "{model}", "--prompts", "{prompts}", "--harmful_column", "target"]
+ANNOTATE = ["legend", "annotate", "--model", "{model}", "--dataset", "{prefs}", "--vector", "{vec}"]
+ALIGN = ["rahf", "align", "--model_name_or_path", "{model}", "--dataset", "{prefs}", "--report_to", "none",
+         "--use_cpu", "--max_steps", "1"]
+CASES = [
+    # (argv, exit code, part of the message)
+    (["generate"], 2, "give at least one question"),
+    (["generate", "q", "--alpha", "nan"], 2, "--alpha: must be a finite number"),
+    (["generate", "q", "--max_new_tokens", "0"], 2, "--max_new_tokens: must be >= 1"),
+    (["generate", "q", "--dtype", "bf16"], 2, "argument --dtype: invalid choice"),
+    (["generate", "q", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["generate", "q", "--model", "./no/such/model"], 1, "'./no/such/model' does not exist"),
+    (["generate", "q", "--model", "someone-unknown/model"], 1, "HF_HUB_OFFLINE=1"),
+    (["nonsense"], 2, "invalid choice: 'nonsense'"),
+    ([*FIT, "--output", "{root}/v1", "--num_prompts", "0"], 2, "--num_prompts: must be >= 1"),
+    ([*FIT, "--output", "{root}/v1", "--pooling", "max"], 2, "argument --pooling: invalid choice"),
+    ([*FIT[:4], "--output", "{root}/v1"], 2, "required: --prompts"),
+    ([*FIT, "--output", "{root}/v1", "--layer", "99"], 1, "layer"),
+    ([*FIT, "--output", "{model}"], 2, "--output is the model's own folder"),
+    ([*FIT, "--output", "{wide}/../model"], 2, "--output is the model's own folder"),
+    ([*FIT, "--output", "{file}"], 1, "is a file"),
+    ([*FIT, "--output", "{ro}"], 1, "not writable"),
+    ([*FIT, "--output", "{root}/v1", "--push_to_hub", "bad name!"], 2, "is not a Hub repo id"),
+    (["legend", "fit-vector", "--prompts", "{root}/missing.csv", "--output", "{root}/v1"], 1, "does not exist"),
+    ([*ANNOTATE, "--output", "{root}/o.jsonl", "--num_bins", "-1"], 2, "--num_bins: must be >= 0"),
+    ([*ANNOTATE, "--output", "{prefs}"], 1, "same file as --dataset"),
+    ([*ANNOTATE, "--output", "{dir}"], 1, "is a folder"),
+    ([*ANNOTATE, "--output", "{root}/o.txt"], 1, "unsupported suffix"),
+    ([*ANNOTATE, "--output", "{ro}.jsonl"], 1, "not writable"),
+    ([*ANNOTATE[:-1], "{wide}", "--output", "{root}/o.jsonl"], 1, "hidden size 64"),
+    ([*ANNOTATE[:-1], "{root}/no_vec", "--output", "{root}/o.jsonl"], 1, "does not exist"),
+    ([*ANNOTATE[:-1], "{model}", "--output", "{root}/o.jsonl"], 1, "does not hold a LEGEND margin vector"),
+    (["legend", "annotate", "--dataset", "{root}/missing.jsonl", "--vector", "{vec}", "--output", "{root}/o.jsonl"],
+     1, "'{root}/missing.jsonl' does not exist"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--alpha", "nan"], 2, "--alpha: must be a finite"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--method", "xyz"], 2, "method must be one of"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--max_rows", "0"], 2, "--max_rows: must be >= 1"),
+    ([*ALIGN, "--instructed", "{root}/no_scit", "--output_dir", "{root}/r"], 1, "--instructed: "),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{model}"], 1, "is not a PEFT adapter folder"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{ro}"], 1, "not writable"),
+    (["rahf", "scit", "--output_dir", "{root}/s", "--report_to", "none"], 2, "--dataset is required"),
+    (["rahf", "scit", "--dataset", "{prefs}", "--output_dir", "{root}/s", "--learning_rate", "fast"], 2,
+     "invalid float value: 'fast'"),
+    (["rahf", "dual", "--dataset", "{root}/nope.jsonl", "--output_dir", "{root}/d", "--use_cpu"], 1,
+     "does not exist"),
+]
+
+
+def _run(argv, files, *extra_env):
+    argv = [a.format(**files) for a in argv]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", REPALIGN_DEBUG="0")
+    env.update(extra_env)
+    return subprocess.run([REPALIGN, *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("argv,code,message", CASES, ids=[" ".join(c[0][:4]) + f"-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_without_traceback(files, argv, code, message):
+    done = _run(argv, files)
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert lines and lines[-1].startswith("repalign: error: "), done.stderr
+    assert message.format(**files) in lines[-1], lines[-1]
+    assert done.returncode == code, (done.returncode, lines[-1])
+
+
+def test_debug_shows_the_traceback(files):
+    done = _run(["generate", "q", "--model", "./no/such/model", "--debug"], files)
+    assert done.returncode == 1 and "Traceback" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("repalign: error: ")
+    done = _run(["generate", "q", "--model", "./no/such/model"], files, ("REPALIGN_DEBUG", "1"))
+    assert "Traceback" in done.stderr
+
+
+def test_help_lists_every_command(files):
+    done = _run(["--help"], files)
+    assert done.returncode == 0 and "generate" in done.stdout and "legend" in done.stdout and "rahf" in done.stdout
+    for words in (["legend"], ["rahf"]):
+        assert _run([*words, "--help"], files).returncode == 0
+    first = _run(["rahf", "align", "--help"], files, ("HF_HOME", files["root"] + "/home"))
+    cached = _run(["rahf", "align", "--help"], files, ("HF_HOME", files["root"] + "/home"))
+    assert first.returncode == cached.returncode == 0 and "--lora_r" in first.stdout
+    assert cached.stdout == first.stdout
+
+
+@pytest.mark.parametrize("problem,content,message", [
+    ("unknown key", "prompts: a.csv\noutpt: v\n", "unknown argument(s) ['outpt']"),
+    ("not a mapping", "- a\n- b\n", "must hold a mapping"),
+    ("bad choice", "pooling: max\n", "pooling: invalid choice 'max'"),
+    ("bad yaml", "a: [\n", "is not valid YAML"),
+])
+def test_bad_config_files(files, tmp_path, problem, content, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(content)
+    done = _run(["legend", "fit-vector", "--config", str(config)], files)
+    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr
+    done = _run(["legend", "fit-vector", "--config", str(tmp_path / "missing.yaml")], files)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_config_supplies_required_arguments_and_flags_override_it(files, tmp_path):
+    config = tmp_path / "fit.yaml"
+    config.write_text(f"prompts: {files['prompts']}\noutput: {tmp_path / 'from_yaml'}\nmodel: {files['model']}\n"
+                      "harmful_column: target\nlayer: 1\nnum_prompts: 2\n")
+    assert cli.main(["legend", "fit-vector", "--config", str(config), "--layer", "2"]) == 0
+    vec = MarginVector.from_pretrained(tmp_path / "from_yaml")
+    assert (vec.layer, vec.n_pairs) == (2, 2)
