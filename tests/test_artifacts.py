@@ -71,8 +71,10 @@ def _metadata(card: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ RAHF adapters
-def test_rahf_adapter_records_the_hub_id_and_its_card_snippet_runs(tmp_path, model_dir, scit_adapter):
-    trainer = _trainer(tmp_path, model_dir, scit_adapter, base_model=HUB_ID, dataset_name="Anthropic/hh-rlhf")
+@pytest.mark.parametrize("lora_on", ["instructed", "base"])  # stacked on the step-1 adapter, or alone
+def test_rahf_adapter_records_the_hub_id_and_its_card_snippet_runs(tmp_path, model_dir, scit_adapter, lora_on):
+    trainer = _trainer(tmp_path, model_dir, scit_adapter, base_model=HUB_ID, dataset_name="Anthropic/hh-rlhf",
+                       lora_on=lora_on)
     trainer.train()
     folder = trainer.save_pretrained(tmp_path / "adapter")
     names = sorted(p.name for p in folder.iterdir())
@@ -83,6 +85,7 @@ def test_rahf_adapter_records_the_hub_id_and_its_card_snippet_runs(tmp_path, mod
     assert _metadata(card) | {"tags": None} == {"base_model": HUB_ID, "library_name": "peft",
                                                 "datasets": ["Anthropic/hh-rlhf"], "tags": None}
     assert {"hf_repalign", "rahf"} <= set(_metadata(card)["tags"])
+    assert (f'"{scit_adapter}", adapter_name="step1"' in card) == (lora_on == "instructed")
     _run_card_snippets(card, {HUB_ID: str(model_dir)}, tmp_path)
 
 
@@ -117,16 +120,19 @@ def test_rahf_push_to_hub_at_the_hub_boundary(tmp_path, model_dir, scit_adapter,
     trainer = _trainer(tmp_path, model_dir, scit_adapter, base_model=HUB_ID, hub_private_repo=True)
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
     (tmp_path / "out" / "thesis.tex").write_text("not for the Hub")
-    assert trainer.push_to_hub("me/adapter") == "url"
+    with pytest.raises(ValueError, match="push those first"):  # stacked on a local step-1 adapter
+        trainer.push_to_hub("me/adapter")
+    assert trainer.push_to_hub("me/adapter", stacked_on=["me/scit"]) == "url"
     (create, (_, repo, message, files, card)) = calls
     assert create == ("create_repo", "me/adapter", True) and (repo, message) == ("me/adapter", "Upload RAHF adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.json"} <= set(files)
     assert "thesis.tex" not in files and not [f for f in files if f.endswith(".bin")]
-    assert 'PeftModel.from_pretrained(base, "me/adapter")' in card and f"base_model: {HUB_ID}" in card
+    assert 'PeftModel.from_pretrained(base, "me/scit", adapter_name="step1")' in card
+    assert 'model.load_adapter("me/adapter", adapter_name="rahf")' in card and f"base_model: {HUB_ID}" in card
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
-        trainer.push_to_hub("me/adapter")
+        trainer.push_to_hub("me/adapter", stacked_on=["me/scit"])
 
 
 def test_align_keeps_checkpoints_and_other_files_of_the_output_dir(tmp_path, model_dir, scit_adapter):

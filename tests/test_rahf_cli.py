@@ -129,7 +129,6 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
     assert stacks[-1] == ["rahf_good"]
 
     assert cli.main(["rahf", "scit", *common, "--output_dir", str(tmp_path / "scit_full")]) == 0
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("hf_repalign.rahf.cli",))
     from hf_repalign.rahf import cli as rahf_cli
 
     monkeypatch.setattr(rahf_cli, "_load", lambda args: (_ for _ in ()).throw(AssertionError("base loaded")))

@@ -590,7 +590,8 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         peft_model = self.accelerator.unwrap_model(self.model)
         return self.args.base_model or base_model_id(peft_model.base_model.model)
 
-    def _write(self, output_dir: Path, repo_id: str, base_model: str | None) -> None:
+    def _write(self, output_dir: Path, repo_id: str, base_model: str | None,
+               stacked_on: list[str] | None = None) -> None:
         peft_model = self.accelerator.unwrap_model(self.model)
         config = peft_model.peft_config[ADAPTER]
         local = config.base_model_name_or_path
@@ -601,13 +602,15 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
         finally:
             config.base_model_name_or_path = local
-        # With lora_on="instructed" on a step-1 adapter, the final model is base + that adapter + this one.
-        stacked_on = [self.positive.path or self.positive.adapters[0]] if self.stack and self.positive else self.stack
-        write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=stacked_on)
+        write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=self.stacked_on())
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(output_dir))
         save_training_args(self.args, output_dir)
-        (output_dir / "README.md").write_text(self.model_card(repo_id, base_model), encoding="utf-8")
+        (output_dir / "README.md").write_text(self.model_card(repo_id, base_model, stacked_on), encoding="utf-8")
+
+    def stacked_on(self) -> list[str]:
+        """The step-1 adapter(s) this adapter works on top of (lora_on="instructed" on a step-1 adapter)."""
+        return [str(self.positive.path or self.positive.adapters[0])] if self.stack and self.positive else self.stack
 
     def _gathered_adapter(self) -> contextlib.AbstractContextManager:
         """Under DeepSpeed ZeRO-3 the adapter's full weights (a collective: every process must enter it)."""
@@ -630,15 +633,17 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         with self._gathered_adapter():
             if self.args.should_save:
                 with atomic_folder(target, PEFT_ADAPTER, overwrite) as tmp:
-                    self._write(tmp, str(target), self.base_model_id())
+                    self._write(tmp, str(target), self.base_model_id(), self.stacked_on())
         return target
 
     def push_to_hub(self, repo_id: str | None = None, commit_message: str = "Upload RAHF adapter",
-                    private: bool | None = None, token: str | None = None, **kwargs) -> str | None:
+                    private: bool | None = None, token: str | None = None, stacked_on: list[str] | None = None,
+                    **kwargs) -> str | None:
         """Upload the adapter, tokenizer and card (nothing else of ``output_dir``) to ``repo_id``.
 
         ``repo_id`` defaults to ``args.hub_model_id`` or the name of ``output_dir``. The base model must be known by
-        its Hub id (``args.base_model``); offline (``HF_HUB_OFFLINE=1``) this fails at once.
+        its Hub id (``args.base_model``), and so must a step-1 adapter this one is stacked on (``stacked_on``);
+        offline (``HF_HUB_OFFLINE=1``) this fails at once.
         """
         import tempfile
 
@@ -646,18 +651,24 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         base = require_base_model(self.args.base_model, self.base_model_id() or
                                   self.accelerator.unwrap_model(self.model).peft_config[ADAPTER]
                                   .base_model_name_or_path, "RAHF adapter")
+        stacked_on = list(stacked_on or self.stacked_on())
+        local = [s for s in stacked_on if Path(s).exists() or not is_repo_id(s)]
+        if local:
+            raise ValueError(f"this adapter works on top of the step-1 adapter(s) {local}; push those first and pass "
+                             "their Hub ids as stacked_on=['user/scit-adapter'] so that the card loads them.")
         with self._gathered_adapter():
             if not self.args.should_save:
                 return None
             with tempfile.TemporaryDirectory() as tmp:
-                self._write(Path(tmp), repo_id, base)
+                self._write(Path(tmp), repo_id, base, stacked_on)
                 return push_folder(tmp, repo_id, private=self.args.hub_private_repo if private is None else private,
                                    token=token or self.args.hub_token, commit_message=commit_message)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Our card is part of every save (``save_pretrained``); Trainer's generic one is not written."""
 
-    def model_card(self, repo_id: str | None = None, base_model: str | None = None) -> str:
+    def model_card(self, repo_id: str | None = None, base_model: str | None = None,
+                   stacked_on: list[str] | None = None) -> str:
         """The ``README.md`` card; its snippet loads the adapter from ``repo_id`` (a Hub id or a folder)."""
         peft_model = self.accelerator.unwrap_model(self.model)
         base = base_model or self.base_model_id()
@@ -681,5 +692,6 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             num_examples=len(self.train_dataset) if self.train_dataset is not None else 0,
             steps=self.state.global_step,
             metrics=json.dumps(metrics) if metrics else "none logged",
+            stacked_on=self.stacked_on() if stacked_on is None else stacked_on,
             **base_model_fields(base, peft_model.peft_config[ADAPTER].base_model_name_or_path),
         )
