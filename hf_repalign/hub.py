@@ -323,11 +323,19 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], what: 
         raise IsADirectoryError(f"{what}: {path} is a folder; give a file path ending in one of {suffixes}.")
     if path.suffix not in suffixes:
         raise ValueError(f"{what}: unsupported suffix {path.suffix!r} in {path}; use one of {suffixes}.")
-    for name, value in (inputs or {}).items():
-        if isinstance(value, (str, os.PathLike)) and Path(value).exists() and Path(value).resolve() == path.resolve():
-            raise ValueError(f"{what} is the same file as {name} ({path}); write the result elsewhere.")
+    refuse_inputs(path, what, inputs or {})
     check_writable(path, what)
     return path
+
+
+def refuse_inputs(output: str | os.PathLike, what: str, inputs: Mapping[str, Any]) -> None:
+    """Refuse an output path that is one of the ``inputs`` (``{"--dataset": path, ...}``; lists allowed)."""
+    output = Path(output).expanduser()
+    for name, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, (str, os.PathLike)) and Path(value).expanduser().exists() \
+                    and Path(value).expanduser().resolve() == output.resolve():
+                raise ValueError(f"{what} is the same path as {name} ({value}); write the result elsewhere.")
 
 
 def _commit(target: Path, staging: Path, kind: ArtifactKind) -> None:

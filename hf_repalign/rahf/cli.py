@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import UsageError
-from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, check_target, check_writable, local_or_repo_id
+from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, check_target, check_writable, hub_offline,
+                   local_or_repo_id, refuse_inputs)
 from .dual import DualConfig
 from .scit import SCITConfig
 from .trainer import RAHFConfig
@@ -80,17 +81,27 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
     location = check_dataset(path, split)
     if isinstance(location, Path) and location.is_file():
         dataset = load_dataset("json", data_files=str(location), split="train")
-    else:
+    elif isinstance(location, Path) or not hub_offline():
         dataset = load_dataset(str(location), split=split)
+    else:
+        try:
+            dataset = load_dataset(location, split=split)
+        except Exception as err:  # datasets' offline errors vary; the cause is one
+            raise HubAccessError(f"--dataset {location!r} is not a local path and HF_HUB_OFFLINE=1 forbids "
+                                 "downloading it from the Hub (it is not in the datasets cache).") from err
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
 
 
 def _check_output(args: _Common, *kinds_and_folders) -> None:
-    """Refuse a bad --output_dir (another artifact, read-only) before any model is loaded."""
+    """Refuse a bad --output_dir (an input, another artifact, read-only) before any model is loaded."""
     check_dataset(args.dataset, args.dataset_split)
+    inputs = {"--model_name_or_path": args.model_name_or_path, "--dataset": args.dataset,
+              "--instructed": getattr(args, "instructed", None), "--precomputed_targets":
+              getattr(args, "precomputed_targets", None)}
     for kind, folder in kinds_and_folders:
+        refuse_inputs(folder, "--output_dir", inputs)
         check_target(folder, kind, args.overwrite)
         check_writable(folder, "--output_dir")
 
@@ -119,8 +130,8 @@ def run_scit(args: SCITCommand) -> int:
     from .scit import SCITTrainer
 
     _check_output(args, (PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL, args.output_dir))
+    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
-    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
     trainer.train()
@@ -134,9 +145,10 @@ def run_dual(args: DualCommand) -> int:
 
     kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
     _check_output(args, *((kind, Path(args.output_dir) / side) for side in ("good", "bad")))
+    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
-    folders = train_dual(model, tokenizer, load_rows(args.dataset, args.dataset_split, args.max_rows),
-                         _config(args, DualConfig), peft_config=_lora(args) if args.use_peft else None)
+    folders = train_dual(model, tokenizer, rows, _config(args, DualConfig),
+                         peft_config=_lora(args) if args.use_peft else None)
     print(f"good model: {folders['good']}\nbad model: {folders['bad']}")
     return 0
 
@@ -155,13 +167,14 @@ def run_align(args: AlignCommand) -> int:
     _check_output(args, (PEFT_ADAPTER, args.output_dir))
     from .trainer import is_full_model
 
+    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
     if args.lora_on == "instructed" and args.instructed and is_full_model(args.instructed[0]):
         model, tokenizer = args.instructed[0], None  # a full step-1 model carries the LoRA: the base is not loaded
     else:
         model, tokenizer = _load(args)
-    trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=load_rows(args.dataset,
-                          args.dataset_split, args.max_rows), processing_class=tokenizer, instructed=instructed)
+    trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=rows, processing_class=tokenizer,
+                          instructed=instructed)
     trainer.train()
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
