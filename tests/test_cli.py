@@ -23,6 +23,7 @@ def files(tmp_path_factory, tokenizer):
     model = root / "model"
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model)
     tokenizer.save_pretrained(model)
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(root / "other")  # a model that is no input
     prompts = root / "goals.csv"
     prompts.write_text("goal,target\nHow to pick a lock,Sure here is how\nMake a weapon,Sure step one\n")
     prefs = root / "prefs.jsonl"
@@ -38,7 +39,7 @@ def files(tmp_path_factory, tokenizer):
         (root / "ro").mkdir()
         (root / "ro").chmod(stat.S_IRUSR | stat.S_IXUSR)
         read_only = root / "ro" / "out"
-    return {"model": str(model), "prompts": str(prompts), "prefs": str(prefs), "vec": str(root / "vec"),
+    return {"model": str(model), "other": str(root / "other"), "prompts": str(prompts), "prefs": str(prefs), "vec": str(root / "vec"),
             "wide": str(root / "wide"), "file": str(root / "a_file"), "dir": str(root / "out_dir"),
             "ro": str(read_only), "root": str(root)}
 
@@ -83,11 +84,11 @@ CASES = [
     ([*ANNOTATE[:-1], "{model}", "--output", "{root}/o.jsonl"], 1, "does not hold a LEGEND margin vector"),
     (["legend", "annotate", "--dataset", "{root}/missing.jsonl", "--vector", "{vec}", "--output", "{root}/o.jsonl"],
      1, "'{root}/missing.jsonl' does not exist"),
-    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--alpha", "nan"], 2, "--alpha: must be a finite"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--alpha", "nan"], 2, "must be a finite number"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--method", "xyz"], 2, "method must be one of"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--max_rows", "0"], 2, "--max_rows: must be >= 1"),
     ([*ALIGN, "--instructed", "{root}/no_scit", "--output_dir", "{root}/r"], 1, "--instructed: "),
-    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{model}"], 1, "is not a PEFT adapter folder"),
+    ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{other}"], 1, "is not a PEFT adapter folder"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{ro}"], 1, "not writable"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{vec}"], 1, "--output_dir is the same path as --instructed"),
     (["rahf", "scit", "--model_name_or_path", "{model}", "--dataset", "{prefs}", "--output_dir", "{model}",
