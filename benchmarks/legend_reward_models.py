@@ -40,7 +40,8 @@ from legend_evidence import wilson  # noqa: E402
 import hf_repalign  # noqa: E402, F401
 from hf_repalign.data_files import add_data_argument, load_hh_rlhf  # noqa: E402
 from hf_repalign.legend import MarginVector, usable_rows  # noqa: E402
-from hf_repalign.models import EMBEDDED_MODEL_NAME, embedded_model_path, load_model_and_tokenizer  # noqa: E402
+from hf_repalign.hub import EMBEDDED_HUB_ID  # noqa: E402
+from hf_repalign.models import embedded_model_path, load_model_and_tokenizer  # noqa: E402
 
 
 def fitting_rows(data: Path | None, tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -57,7 +58,7 @@ def load_vector(args) -> MarginVector:
     directions = torch.load(args.directions)
     layer, pooling = args.view.split(":")
     return MarginVector(directions[args.view], layer=int(layer), pooling=pooling,
-                        model_name_or_path=EMBEDDED_MODEL_NAME)
+                        model_name_or_path=EMBEDDED_HUB_ID)
 
 
 @torch.no_grad()

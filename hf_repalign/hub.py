@@ -512,6 +512,8 @@ def base_model_id(model_or_path: Any) -> str | None:
         name = str(model_or_path or "")
     if not name:
         return None
+    if name == "SmolLM2-135M-Instruct":  # what vectors saved before 0.1.1 recorded for the embedded model
+        return EMBEDDED_HUB_ID
     local = Path(name).expanduser()
     if local.exists():
         if local.resolve() == embedded_model_cache_dir().resolve():
