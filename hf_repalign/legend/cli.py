@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 from ..cli import DType, UsageError
-from ..data_files import read_jsonl
 from ..hub import check_output_file, check_target, check_writable, local_or_repo_id, refuse_inputs
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS, POOLINGS
 
@@ -122,6 +121,8 @@ def read_prompts(path: str | Path, column: str, limit: int | None = None, harmfu
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     elif path.suffix == ".jsonl":
+        from ..data_files import read_jsonl  # imports transformers' logging: not at --help time
+
         rows = read_jsonl(path)
     else:
         raise UsageError(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
