@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         env = dict(os.environ, COLUMNS="100")
-        print(f"{'command':<28}" + "".join(f"{'cold ' + Path(e).parents[2].name:>22}{'warm (median)':>16}"
+        print(f"{'command':<28}" + "".join(f"{'cold ' + Path(e).absolute().parents[2].name:>22}{'warm (median)':>16}"
                                             for e in args.repalign))
         for words in COMMANDS:
             homes = {e: tempfile.mkdtemp(dir=home) for e in args.repalign}  # cold: an empty HF_HOME each
