@@ -135,3 +135,16 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
     assert cli.main(["rahf", "align", *common, "--preset", "authors", "--instructed", str(tmp_path / "scit_full"),
                      "--output_dir", str(tmp_path / "rahf_full")]) == 0
     assert stacks[-1] == []
+
+
+def test_scit_refuses_a_foreign_readme_unless_overwrite(setup, capsys):
+    tmp_path, model_dir, common = setup
+    out = tmp_path / "scit"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes\n")
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(out)]) == 1
+    assert "README.md" in capsys.readouterr().err and (out / "README.md").read_text() == "# my notes\n"
+    assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(out), "--overwrite"]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "training_args.bin").exists() and (out / "training_args.json").is_file()

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import UsageError
-from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, check_target, check_writable, hub_offline,
-                   local_or_repo_id, refuse_inputs)
+from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, atomic_folder, check_target, check_writable,
+                   hub_offline, local_or_repo_id, refuse_inputs)
 from .dual import DualConfig
 from .scit import SCITConfig
 from .trainer import RAHFConfig
@@ -129,13 +129,18 @@ def _config(args, config_class):
 def run_scit(args: SCITCommand) -> int:
     from .scit import SCITTrainer
 
-    _check_output(args, (PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL, args.output_dir))
+    kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
+    _check_output(args, (kind, args.output_dir))
     rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
     trainer.train()
-    trainer.save_model(args.output_dir)
+    if args.overwrite:  # save into a staging folder the user allowed to replace clashing files of
+        with atomic_folder(args.output_dir, kind, overwrite=True) as tmp:
+            trainer.save_model(str(tmp))
+    else:
+        trainer.save_model(args.output_dir)
     print(f"SCIT model saved to {args.output_dir}")
     return 0
 
