@@ -39,7 +39,8 @@ def files(tmp_path_factory, tokenizer):
         (root / "ro").mkdir()
         (root / "ro").chmod(stat.S_IRUSR | stat.S_IXUSR)
         read_only = root / "ro" / "out"
-    return {"model": str(model), "other": str(root / "other"), "prompts": str(prompts), "prefs": str(prefs), "vec": str(root / "vec"),
+    return {"model": str(model), "other": str(root / "other"), "prompts": str(prompts), "prefs": str(prefs),
+            "vec": str(root / "vec"),
             "wide": str(root / "wide"), "file": str(root / "a_file"), "dir": str(root / "out_dir"),
             "ro": str(read_only), "root": str(root)}
 

@@ -74,7 +74,7 @@ class MarginVector:
         self.direction = check_direction(direction)
         self.layer = int(layer)
         self.template = check_template(template)
-        # The Hub id when one is known, as `_model_name` reports models, so that check_compatible compares like with like.
+        # The Hub id when one is known, as `_model_name` reports models: check_compatible compares like with like.
         self.model_name_or_path = (base_model_id(model_name_or_path) or model_name_or_path) if model_name_or_path \
             else model_name_or_path
         self.num_hidden_layers = num_hidden_layers

@@ -678,7 +678,8 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         if evals:
             metrics.update({k: round(v, 4) for k, v in evals[-1].items() if isinstance(v, float)})
         card_data = {"library_name": "peft", "tags": ["rahf", "representation-engineering", "lora"],
-                     "base_model": base, "datasets": [self.args.dataset_name] if is_repo_id(self.args.dataset_name or "") else None}
+                     "base_model": base,
+                     "datasets": [self.args.dataset_name] if is_repo_id(self.args.dataset_name or "") else None}
         return render_card(
             "rahf_adapter.md",
             card_data,
