@@ -17,8 +17,7 @@ Example:
 from __future__ import annotations
 
 import os
-import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,7 +61,7 @@ def _as_row(example: Any, index: int) -> _Row:
     return _Row(index, to_triplet(example, index))
 
 
-def _rows(inputs: Iterable) -> types.GeneratorType:
+def _rows(inputs: Iterable) -> Iterator[_Row]:
     return (_as_row(example, i) for i, example in enumerate(inputs))
 
 
@@ -148,9 +147,10 @@ class LegendMarginPipeline(Pipeline):
             return super().__call__(_as_row(inputs, 0), **kwargs)
         if _is_hf_dataset(inputs) or isinstance(inputs, (list, tuple)):
             return super().__call__(list(_rows(inputs)), **kwargs)
-        if isinstance(inputs, torch.utils.data.Dataset) or isinstance(inputs, types.GeneratorType):
-            return super().__call__(_rows(inputs), **kwargs)
-        if isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        # Streams (generators, torch map-style datasets such as KeyDataset, other iterables) stay lazy.
+        if isinstance(inputs, torch.utils.data.Dataset) or (
+            isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes))
+        ):
             return super().__call__(_rows(inputs), **kwargs)
         raise TypeError(
             f"legend-margin takes a preference row (dict), a list, a datasets.Dataset, a generator or a torch "

@@ -181,7 +181,7 @@ class MarginVector:
             ) from None
         name = _model_name(model)
         if check_name and self.model_name_or_path and name != self.model_name_or_path:
-            logger.warning(
+            logger.warning_once(  # once per pair of names, not at every call that passes the vector
                 f"THE MARGIN VECTOR WAS FITTED ON ANOTHER MODEL: {self.model_name_or_path!r}, but it is used with "
                 f"{name!r}. Both have hidden size {size}, so nothing fails, but the margins are only meaningful on "
                 "the model the vector was fitted on (ignore this if both names are the same weights)."
