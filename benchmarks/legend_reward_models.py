@@ -9,9 +9,9 @@ seeds, with confidence intervals.
 3. For each seed, train two LoRA + score-head reward models on the embedded SmolLM2-135M-Instruct with
    ``trl.RewardTrainer`` -- identical but for the ``margin`` column -- and measure pairwise accuracy on the held-out
    pairs.
-4. Report each run's accuracy (95% Wilson interval), the per-seed paired difference, and the mean difference with a
-   95% bootstrap interval (eval pairs resampled, averaged over seeds): the half-width is the smallest effect this
-   run can resolve.
+4. Report each run's accuracy (95% Wilson interval), the per-seed paired difference, the mean difference with a
+   95% bootstrap interval (eval pairs resampled, averaged over seeds), how many eval pairs change outcome, and the
+   effect an unpaired comparison of this size could resolve (1.96 standard errors).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_reward_models.py --data /work/shared/data \\
         --directions outputs/legend_evidence/directions.pt --view=-1:last --train 240 --eval 400 --seeds 0 1 2 \\
@@ -134,7 +134,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_reward_models"))
     add_data_argument(parser)
+    parser.add_argument("--summarize", type=Path, default=None, help="only recompute the summary of a report.json")
     args = parser.parse_args()
+    if args.summarize is not None:
+        report = json.loads(args.summarize.read_text())
+        summarize(report, args.seeds)
+        write_json(args.summarize, report)
+        print(json.dumps(report["difference_with_minus_without"]))
+        return
     if (args.vector is None) == (args.directions is None):
         parser.error("give exactly one of --vector and --directions")
     torch.set_num_threads(args.threads)
@@ -167,14 +174,27 @@ def main() -> None:
             report["runs"][f"{'with' if use_margin else 'no'}_margin_seed{seed}"] = result
             print(seed, use_margin, {k: v for k, v in result.items() if k != "wins"}, flush=True)
             write_json(args.out / "report.json", report)
-    with_wins = [report["runs"][f"with_margin_seed{s}"]["wins"] for s in args.seeds]
-    without_wins = [report["runs"][f"no_margin_seed{s}"]["wins"] for s in args.seeds]
-    mean, ci = bootstrap_difference(with_wins, without_wins)
-    report["difference_with_minus_without"] = {
-        "per_seed": [round((sum(w) - sum(o)) / len(w), 4) for w, o in zip(with_wins, without_wins)],
-        "mean": mean, "ci95": ci, "resolvable_effect": round((ci[1] - ci[0]) / 2, 4)}
+    summarize(report, args.seeds)
     write_json(args.out / "report.json", report)
     print(json.dumps(report["difference_with_minus_without"]), flush=True)
+
+
+def summarize(report: dict, seeds: list[int]) -> None:
+    """The with-minus-without difference, its paired bootstrap interval, and the effect an unpaired comparison of
+    this size could resolve (1.96 standard errors of a difference of two accuracies over all seeds' eval pairs)."""
+    with_wins = [report["runs"][f"with_margin_seed{s}"]["wins"] for s in seeds]
+    without_wins = [report["runs"][f"no_margin_seed{s}"]["wins"] for s in seeds]
+    mean, ci = bootstrap_difference(with_wins, without_wins)
+    n = sum(len(w) for w in with_wins)
+    p = (sum(map(sum, with_wins)) + sum(map(sum, without_wins))) / (2 * n)
+    report["difference_with_minus_without"] = {
+        "per_seed": [round((sum(w) - sum(o)) / len(w), 4) for w, o in zip(with_wins, without_wins)],
+        "mean": mean, "paired_bootstrap_ci95": ci,
+        "eval_pairs_whose_outcome_differs": [sum(a != b for a, b in zip(w, o))
+                                             for w, o in zip(with_wins, without_wins)],
+        "seed_spread_without": round(max(map(sum, without_wins)) / len(without_wins[0])
+                                     - min(map(sum, without_wins)) / len(without_wins[0]), 4),
+        "unpaired_resolvable_effect": round(1.96 * (2 * p * (1 - p) / n) ** 0.5, 4)}
 
 
 if __name__ == "__main__":
