@@ -77,18 +77,19 @@ def scit_adapter(tmp_path, tokenizer) -> str:
 
 @pytest.fixture
 def interrupt_legend_forward(monkeypatch):
-    """``interrupt_legend_forward(n)``: the n-th LEGEND forward raises KeyboardInterrupt (an interrupted
-    ``annotate`` run); returns the call counter. ``monkeypatch.undo()`` restores the real forward."""
+    """``interrupt_legend_forward(n)``: the LEGEND forward that would embed more than ``n`` sequences in all raises
+    KeyboardInterrupt (an interrupted ``annotate`` run); returns a counter of the sequences embedded.
+    ``monkeypatch.undo()`` restores the real forward."""
     from hf_repalign.legend.embedding import embed_sequences
 
-    def arm(at: int) -> dict:
-        calls = {"n": 0}
+    def arm(after: int) -> dict:
+        calls = {"sequences": 0}
 
-        def failing(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == at:
+        def failing(model, sequences, views):
+            if calls["sequences"] + len(sequences) > after:
                 raise KeyboardInterrupt
-            return embed_sequences(*args, **kwargs)
+            calls["sequences"] += len(sequences)
+            return embed_sequences(model, sequences, views)
 
         monkeypatch.setattr("hf_repalign.legend.pipeline.embed_sequences", failing)
         return calls

@@ -305,17 +305,17 @@ def test_output_is_atomic_and_resume_skips_finished_chunks(pipe, tmp_path, inter
     output = tmp_path / "annotated.jsonl"
     expected = pipe.annotate(rows, num_bins=5, progress=False)
 
-    calls = interrupt_legend_forward(3)  # interrupted in the middle of the second chunk
+    calls = interrupt_legend_forward(8)  # chunk 0 (4 pairs, 8 sides) completes, the second chunk is interrupted
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(rows, num_bins=5, output=output, checkpoint_every=4, batch_size=2, progress=False)
     assert not output.exists() and not list(tmp_path.glob("annotated*"))
     parts = tmp_path / ".annotated.jsonl.parts"
     assert sorted(p.name for p in parts.iterdir()) == ["chunk-000000.json", "manifest.json"]
 
-    calls["n"] = -100
+    calls["sequences"] = -1000
     out = pipe.annotate(rows, num_bins=5, output=output, checkpoint_every=4, batch_size=2, resume=True,
                         progress=False)
-    assert calls["n"] == -100 + 3  # chunk 0 is not recomputed: chunks of 4 and 2 rows, 2 pairs (4 sides) a forward
+    assert calls["sequences"] == -1000 + 12  # chunk 0 is not recomputed: only the 4 + 2 pairs of chunks 1 and 2
     assert out["margin_raw"] == pytest.approx(expected["margin_raw"], abs=1e-6)
     assert out["margin"] == expected["margin"]
     written = [json.loads(line) for line in output.read_text().splitlines()]
@@ -392,7 +392,7 @@ def test_non_finite_margins_are_an_error(pipe, monkeypatch):
 
 def test_resume_refuses_a_damaged_checkpoint(pipe, tmp_path, monkeypatch, interrupt_legend_forward):
     output = tmp_path / "out.jsonl"
-    interrupt_legend_forward(2)
+    interrupt_legend_forward(4)  # chunk 0 (2 pairs, 4 sides) completes
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(pairs(4), output=output, checkpoint_every=2, batch_size=2, progress=False)
     monkeypatch.undo()

@@ -183,7 +183,7 @@ def test_templates_allow_only_plain_prompt_and_response(template, message, pipe)
 # ------------------------------------------------------------------------------------------------ resume / lock
 def test_resume_refuses_another_dtype(pipe, tmp_path, monkeypatch, tokenizer, vector, interrupt_legend_forward):
     output = tmp_path / "out.jsonl"
-    interrupt_legend_forward(2)
+    interrupt_legend_forward(4)  # chunk 0 (2 pairs, 4 sides) completes
     with pytest.raises(KeyboardInterrupt):
         pipe.annotate(ROWS, output=output, checkpoint_every=2, batch_size=2, progress=False)
     monkeypatch.undo()
@@ -197,7 +197,7 @@ def test_a_chunk_from_another_run_is_refused(pipe, tmp_path, monkeypatch, interr
     output = tmp_path / "out.jsonl"
     other = [dict(row, chosen=row["chosen"] + " Really.") for row in ROWS]
     for rows in (other, ROWS):  # the other dataset's first chunk is kept, then this run's parts are prepared
-        interrupt_legend_forward(2)
+        interrupt_legend_forward(4)  # chunk 0 (2 pairs, 4 sides) completes
         with pytest.raises(KeyboardInterrupt):
             pipe.annotate(rows, output=output, checkpoint_every=2, batch_size=2, progress=False)
         monkeypatch.undo()
@@ -241,3 +241,18 @@ def test_last_pooling_reads_the_response_not_the_template_tail(llama, tokenizer)
         MarginVector.fit(llama, tokenizer, PROMPTS, GOOD, BAD, layer=0, pooling="last_rendered")
     vec = MarginVector.fit(llama, tokenizer, PROMPTS, GOOD, BAD, layer=0, pooling="last")
     assert torch.isfinite(vec.direction).all()
+
+
+# ------------------------------------------------------------------------------------------------ batching
+def test_sequence_batches_cap_size_and_padding():
+    from hf_repalign.legend.embedding import sequence_batches
+
+    lengths = [int(x) for x in torch.randint(1, 400, (301,), generator=torch.Generator().manual_seed(0))]
+    batches = sequence_batches(lengths, 8, window=100)
+    assert sorted(i for b in batches for i in b) == list(range(301))  # every sequence exactly once
+    for batch in batches:
+        assert len(batch) <= 8 and len({i // 100 for i in batch}) == 1  # within one window
+        width = max(lengths[i] for i in batch)
+        assert 1 - sum(lengths[i] for i in batch) / (width * len(batch)) <= 0.1
+    assert max(len(b) for b in batches) == 8  # well-matched lengths still fill a batch
+    assert sequence_batches([7] * 5, 2) == [[0, 1], [2, 3], [4]]

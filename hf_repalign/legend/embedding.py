@@ -196,16 +196,36 @@ def pair_embeddings(
     return chosen, rejected
 
 
-def sequence_batches(lengths: Sequence[int], batch_size: int, window: int | None = None) -> list[list[int]]:
-    """Index batches of at most ``batch_size`` sequences, longest first within each window of consecutive items,
-    so batches pad little. Windows keep memory and ordering local."""
+MAX_PADDING = 0.1  # share of padded positions a batch may hold
+
+
+def sequence_batches(lengths: Sequence[int], batch_size: int, window: int | None = None,
+                     max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Index batches of at most ``batch_size`` sequences, longest first within each window of consecutive items.
+
+    A batch also stops growing once more than ``max_padding`` of its positions would be padding: on a CPU a padded
+    position costs as much as a real one and batching saves little, so a few well-matched sequences beat a full
+    batch of ragged ones (with thousands of rows the batches are full anyway). Windows keep memory and ordering
+    local.
+    """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     window = window or len(lengths) or 1
     batches = []
     for start in range(0, len(lengths), window):
         indices = sorted(range(start, min(start + window, len(lengths))), key=lambda i: (-lengths[i], i))
-        batches.extend(indices[i : i + batch_size] for i in range(0, len(indices), batch_size))
+        batch: list[int] = []
+        real = 0
+        for i in indices:
+            width = lengths[batch[0]] if batch else lengths[i]
+            if batch and (len(batch) == batch_size or 1 - (real + lengths[i]) / (width * (len(batch) + 1))
+                          > max_padding):
+                batches.append(batch)
+                batch, real = [], 0
+            batch.append(i)
+            real += lengths[i]
+        if batch:
+            batches.append(batch)
     return batches
 
 
@@ -220,8 +240,8 @@ def embed_pairs(
 ) -> dict[View, torch.Tensor]:
     """``{view: (N, 2, H)}``: both sides' embeddings of every encoded pair, in input order.
 
-    ``batch_size`` counts pairs: a forward takes ``2 * batch_size`` sequences of similar length (each side is
-    sorted by its own length, within windows of ``window`` pairs). ``forward(sequences, views)`` replaces
+    ``batch_size`` counts pairs: a forward takes up to ``2 * batch_size`` sequences of similar length (each side is
+    sorted by its own length, within windows of ``window`` pairs; see :func:`sequence_batches`). ``forward(sequences, views)`` replaces
     :func:`embed_sequences` (the pipeline passes its own, which runs under its device and inference context).
     ``views`` use the layers given (negative indices allowed); the result is keyed by them as given.
     """
