@@ -256,3 +256,6 @@ def test_sequence_batches_cap_size_and_padding():
         assert 1 - sum(lengths[i] for i in batch) / (width * len(batch)) <= 0.1
     assert max(len(b) for b in batches) == 8  # well-matched lengths still fill a batch
     assert sequence_batches([7] * 5, 2) == [[0, 1], [2, 3], [4]]
+    token_capped = sequence_batches(lengths, 8, window=100, max_tokens=1000)
+    assert sorted(i for b in token_capped for i in b) == list(range(301))
+    assert all(len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 1000 for b in token_capped)

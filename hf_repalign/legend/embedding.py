@@ -197,16 +197,19 @@ def pair_embeddings(
 
 
 MAX_PADDING = 0.1  # share of padded positions a batch may hold
+# Positions (padding included) per forward on a CPU: there batching saves little compute, and a batch whose
+# activations outgrow the caches is slower than the same sequences one by one (benchmarks/legend_cpu_throughput.py:
+# the tiny model ran 0.8x the one-pair loop at 32 sequences of ~450 tokens a forward, 1.3x at 4).
+CPU_BATCH_TOKENS = 2048
 
 
 def sequence_batches(lengths: Sequence[int], batch_size: int, window: int | None = None,
-                     max_padding: float = MAX_PADDING) -> list[list[int]]:
+                     max_padding: float = MAX_PADDING, max_tokens: int | None = None) -> list[list[int]]:
     """Index batches of at most ``batch_size`` sequences, longest first within each window of consecutive items.
 
-    A batch also stops growing once more than ``max_padding`` of its positions would be padding: on a CPU a padded
-    position costs as much as a real one and batching saves little, so a few well-matched sequences beat a full
-    batch of ragged ones (with thousands of rows the batches are full anyway). Windows keep memory and ordering
-    local.
+    A batch also stops growing once more than ``max_padding`` of its positions would be padding (a padded position
+    costs as much as a real one; with thousands of rows the batches are full anyway), or once it would hold more
+    than ``max_tokens`` positions (a sequence longer than that runs alone). Windows keep memory and ordering local.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -218,8 +221,9 @@ def sequence_batches(lengths: Sequence[int], batch_size: int, window: int | None
         real = 0
         for i in indices:
             width = lengths[batch[0]] if batch else lengths[i]
-            if batch and (len(batch) == batch_size or 1 - (real + lengths[i]) / (width * (len(batch) + 1))
-                          > max_padding):
+            grown = width * (len(batch) + 1)
+            if batch and (len(batch) == batch_size or 1 - (real + lengths[i]) / grown > max_padding
+                          or (max_tokens is not None and grown > max_tokens)):
                 batches.append(batch)
                 batch, real = [], 0
             batch.append(i)
@@ -237,6 +241,7 @@ def embed_pairs(
     window: int | None = None,
     progress: tqdm | None = None,
     forward=None,
+    max_batch_tokens: int | None = None,
 ) -> dict[View, torch.Tensor]:
     """``{view: (N, 2, H)}``: both sides' embeddings of every encoded pair, in input order.
 
@@ -244,14 +249,19 @@ def embed_pairs(
     sorted by its own length, within windows of ``window`` pairs; see :func:`sequence_batches`). ``forward(sequences, views)`` replaces
     :func:`embed_sequences` (the pipeline passes its own, which runs under its device and inference context).
     ``views`` use the layers given (negative indices allowed); the result is keyed by them as given.
+    ``max_batch_tokens`` caps the positions of one forward; by default :data:`CPU_BATCH_TOKENS` on a CPU, no cap on
+    an accelerator (where bigger batches are what makes it fast).
     """
+    if max_batch_tokens is None and model.device.type == "cpu":
+        max_batch_tokens = CPU_BATCH_TOKENS
     resolved = resolve_views(model, views)
     forward = forward or (lambda seqs, vs: embed_sequences(model, seqs, vs))
     sequences = [seq for item in items for side in SIDES for seq in _sequences(item, side, "right")]
     results: dict[View, torch.Tensor | None] = {view: None for view in views}
     done = [0] * len(items)
     window_sequences = 2 * window if window else None
-    for indices in sequence_batches([s[1] for s in sequences], 2 * batch_size, window_sequences):
+    for indices in sequence_batches([s[1] for s in sequences], 2 * batch_size, window_sequences,
+                                    max_tokens=max_batch_tokens):
         out = forward([sequences[i] for i in indices], resolved)
         for view, key in zip(views, resolved):
             if results[view] is None:
