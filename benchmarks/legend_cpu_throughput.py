@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--embedded_pairs", type=int, default=16)
     parser.add_argument("--max_tokens", type=int, default=256, help="keep HH pairs up to this many tokens a side")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=3, help="tiny model; the embedded model runs once")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each candidate (median)")
     parser.add_argument("--dtype", default="float32", help="embedded model dtype")
     parser.add_argument("--threads", type=int, default=1)
     add_data_argument(parser)
@@ -109,7 +109,8 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(dtype=parse_dtype(args.dtype))
     rows = hh_rows(data, args.embedded_pairs, tokenizer, args.max_tokens)
     vec = MarginVector.fit(model, tokenizer, *fit)
-    measure(f"embedded SmolLM2-135M-Instruct ({args.dtype})", model, tokenizer, rows, vec, args.batch_sizes, 1)
+    measure(f"embedded SmolLM2-135M-Instruct ({args.dtype})", model, tokenizer, rows, vec, args.batch_sizes,
+            args.repeats)
 
 
 if __name__ == "__main__":
