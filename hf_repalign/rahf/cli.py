@@ -4,8 +4,9 @@ Every command takes the fields of its trainer config (``SCITConfig``, ``DualConf
 ``TrainingArguments``) plus the model and the data, as in TRL's CLIs.
 
 Example:
-    $ repalign rahf scit  --dataset ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --output_dir out/scit --use_peft
-    $ repalign rahf align --dataset ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --instructed out/scit \\
+    $ repalign rahf scit  --dataset Anthropic/hh-rlhf --dataset_split test --max_rows 500 --output_dir out/scit \\
+          --use_peft
+    $ repalign rahf align --dataset Anthropic/hh-rlhf --dataset_split test --max_rows 500 --instructed out/scit \\
           --output_dir out/rahf --max_steps 200
     $ repalign rahf align ... --preset authors     # the settings of the authors' step-2 script for --method
 """
