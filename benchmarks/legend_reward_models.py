@@ -39,6 +39,8 @@ from legend_evidence import wilson  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
 from hf_repalign.data_files import add_data_argument, load_hh_rlhf  # noqa: E402
+from hf_repalign.formats import to_triplet  # noqa: E402
+from hf_repalign.legend.embedding import encode_triplets, response_length  # noqa: E402
 from hf_repalign.legend import MarginVector, usable_rows  # noqa: E402
 from hf_repalign.hub import EMBEDDED_HUB_ID  # noqa: E402
 from hf_repalign.models import embedded_model_path, load_model_and_tokenizer  # noqa: E402
@@ -136,23 +138,22 @@ def main() -> None:
     add_data_argument(parser)
     parser.add_argument("--summarize", type=Path, default=None, help="only recompute the summary of a report.json")
     args = parser.parse_args()
-    if args.summarize is not None:
-        report = json.loads(args.summarize.read_text())
-        summarize(report, args.seeds)
-        write_json(args.summarize, report)
-        print(json.dumps(report["difference_with_minus_without"]))
-        return
-    if (args.vector is None) == (args.directions is None):
+    if args.summarize is None and (args.vector is None) == (args.directions is None):
         parser.error("give exactly one of --vector and --directions")
     torch.set_num_threads(args.threads)
-    data = args.data
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_path()))
-    rows, total = fitting_rows(data, tokenizer, args.max_length)
+    rows, total = fitting_rows(args.data, tokenizer, args.max_length)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     if args.train + args.eval > len(rows):
         parser.error(f"only {len(rows)} pairs fit in {args.max_length} tokens; lower --train/--eval")
     train_rows = [rows[i] for i in order[: args.train]]
     eval_rows = [rows[i] for i in order[args.train : args.train + args.eval]]
+    if args.summarize is not None:  # the same split as the run that wrote the report
+        report = json.loads(args.summarize.read_text())
+        summarize(report, args.seeds, length_differences(tokenizer, eval_rows))
+        write_json(args.summarize, report)
+        print(json.dumps({k: report[k] for k in ("difference_with_minus_without", "length_baseline")}))
+        return
 
     vector = load_vector(args)
     model, annotator_tokenizer = load_model_and_tokenizer(dtype=torch.bfloat16 if args.bf16 else None)
@@ -174,14 +175,31 @@ def main() -> None:
             report["runs"][f"{'with' if use_margin else 'no'}_margin_seed{seed}"] = result
             print(seed, use_margin, {k: v for k, v in result.items() if k != "wins"}, flush=True)
             write_json(args.out / "report.json", report)
-    summarize(report, args.seeds)
+    summarize(report, args.seeds, length_differences(tokenizer, eval_rows))
     write_json(args.out / "report.json", report)
-    print(json.dumps(report["difference_with_minus_without"]), flush=True)
+    print(json.dumps({k: report[k] for k in ("difference_with_minus_without", "length_baseline")}), flush=True)
 
 
-def summarize(report: dict, seeds: list[int]) -> None:
+def length_differences(tokenizer, rows: list[dict]) -> list[int]:
+    """Response tokens of chosen minus rejected (the annotator's text normalisation), per held-out pair."""
+    items = [item for item, _ in encode_triplets(tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)])]
+    return [response_length(item, "chosen") - response_length(item, "rejected") for item in items]
+
+
+def summarize(report: dict, seeds: list[int], length_diff: list[int]) -> None:
     """The with-minus-without difference, its paired bootstrap interval, and the effect an unpaired comparison of
-    this size could resolve (1.96 standard errors of a difference of two accuracies over all seeds' eval pairs)."""
+    this size could resolve (1.96 standard errors of a difference of two accuracies over all seeds' eval pairs);
+    the length-only baseline ("the shorter response is better") on the held-out pairs, and every run's accuracy
+    on the pairs whose chosen response is shorter / longer."""
+    shorter = [i for i, d in enumerate(length_diff) if d < 0]
+    longer = [i for i, d in enumerate(length_diff) if d > 0]
+    score = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in length_diff)
+    report["length_baseline"] = {"accuracy": round(score / len(length_diff), 4),
+                                 "ci95": wilson(score, len(length_diff)), "chosen_shorter": len(shorter),
+                                 "chosen_longer": len(longer)}
+    for run in report["runs"].values():
+        run["accuracy_chosen_shorter"] = round(sum(run["wins"][i] for i in shorter) / max(len(shorter), 1), 4)
+        run["accuracy_chosen_longer"] = round(sum(run["wins"][i] for i in longer) / max(len(longer), 1), 4)
     with_wins = [report["runs"][f"with_margin_seed{s}"]["wins"] for s in seeds]
     without_wins = [report["runs"][f"no_margin_seed{s}"]["wins"] for s in seeds]
     mean, ci = bootstrap_difference(with_wins, without_wins)
