@@ -187,12 +187,14 @@ def normalize_triplet(triplet: PreferenceTriplet) -> PreferenceTriplet:
     the same text whatever its source: an HH-RLHF string row (``" Hello!"`` after ``"Assistant:"``), a message row
     or a generated answer (already stripped). HH dialogue strings keep their ``"\\n\\nHuman:"`` markers; their turns
     are stripped when they are parsed into messages."""
-    prompt = triplet.prompt
+    return PreferenceTriplet(normalize_prompt(triplet.prompt), triplet.chosen.strip(), triplet.rejected.strip())
+
+
+def normalize_prompt(prompt: Prompt) -> Prompt:
+    """The prompt part of :func:`normalize_triplet` (also used before generating answers to be embedded)."""
     if isinstance(prompt, list):
-        prompt = [dict(m, content=m["content"].strip()) for m in prompt]
-    elif not _HH_TURN.search(prompt):
-        prompt = prompt.strip()
-    return PreferenceTriplet(prompt, triplet.chosen.strip(), triplet.rejected.strip())
+        return [dict(m, content=m["content"].strip()) for m in prompt]
+    return prompt if _HH_TURN.search(prompt) else prompt.strip()
 
 
 def check_template(template: Template, where: str = "`template`") -> Template:

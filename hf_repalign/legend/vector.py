@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..formats import Prompt, Template, check_template, prompt_prefix, to_triplet
+from ..formats import Prompt, Template, check_template, normalize_prompt, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import (ArtifactKind, base_model_fields, base_model_id, check_target, config_has, load_folder,
                    push_folder, render_card, require_base_model, save_folder)
@@ -317,7 +317,8 @@ def generate_responses(
     """The model's greedy answers to ``prompts``, rendered with the same template as the embeddings."""
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-    texts = [prompt_prefix(tokenizer, prompt, template) for prompt in prompts]
+    # The prompt as the embeddings will render it (whitespace normalised), so the answer continues that text.
+    texts = [prompt_prefix(tokenizer, normalize_prompt(prompt), template) for prompt in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues after the prompt's last token
     responses = []
