@@ -259,3 +259,17 @@ def test_sequence_batches_cap_size_and_padding():
     token_capped = sequence_batches(lengths, 8, window=100, max_tokens=1000)
     assert sorted(i for b in token_capped for i in b) == list(range(301))
     assert all(len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 1000 for b in token_capped)
+
+
+def test_vectors_saved_before_version_2_keep_their_meaning(vector, tmp_path, caplog):
+    folder = vector.save_pretrained(tmp_path / "vec")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["embedding_version"] == 2 and MarginVector.from_pretrained(folder).pooling == "last"
+    old = {k: v for k, v in config.items() if k != "embedding_version"}
+    (folder / "config.json").write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING):
+        assert MarginVector.from_pretrained(folder).pooling == "last_rendered"
+    assert "loaded as pooling='last_rendered'" in caplog.text
+    (folder / "config.json").write_text(json.dumps(dict(old, pooling="mean")))
+    assert MarginVector.from_pretrained(folder).pooling == "mean"
+    assert "today's 'mean' leaves them out" in caplog.text

@@ -32,7 +32,7 @@ from ..formats import Prompt, Template, check_template, normalize_prompt, prompt
 from ..hidden import num_hidden_layers, resolve_layers
 from ..hub import (ArtifactKind, base_model_fields, base_model_id, check_target, config_has, load_folder,
                    push_folder, render_card, require_base_model, save_folder)
-from .embedding import check_pooling, embed_pairs, encode_triplets
+from .embedding import EMBEDDING_VERSION, check_pooling, embed_pairs, encode_triplets
 from .margin import margin_direction
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS  # noqa: F401  (FIT_PRESETS re-exported)
 
@@ -199,6 +199,7 @@ class MarginVector:
             "model_name_or_path": self.model_name_or_path,
             "num_hidden_layers": self.num_hidden_layers,
             "n_pairs": self.n_pairs,
+            "embedding_version": EMBEDDING_VERSION,
         }
 
     def fingerprint(self) -> str:
@@ -276,7 +277,7 @@ class MarginVector:
             return cls(
                 direction,
                 layer=config["layer"],
-                pooling=config["pooling"],
+                pooling=_current_pooling(config, path_or_repo_id),
                 template=config.get("template"),
                 model_name_or_path=config.get("model_name_or_path"),
                 num_hidden_layers=config.get("num_hidden_layers"),
@@ -284,6 +285,24 @@ class MarginVector:
             )
         except ValueError as err:
             raise ValueError(f"{path_or_repo_id} does not hold a usable margin vector: {err}") from None
+
+
+def _current_pooling(config: dict[str, Any], where: Any) -> str:
+    """The pooling a saved vector was fitted with, in today's names. Vectors saved before embedding version 2 said
+    "last" for the last rendered token (the chat template's closing ``\\n``), now called "last_rendered"; their
+    "mean" also averaged the template's closing tokens, which today's "mean" leaves out."""
+    pooling = config.get("pooling")
+    if config.get("embedding_version", 1) >= EMBEDDING_VERSION:
+        return pooling
+    if pooling == "last":
+        logger.warning(f"{where}: saved before 'last' meant the response's last token; it is loaded as "
+                       "pooling='last_rendered' (the rendered text's last token), which is what it was fitted with.")
+        return "last_rendered"
+    if pooling == "mean":
+        logger.warning(f"{where}: saved when 'mean' also averaged the template's closing tokens; today's 'mean' "
+                       "leaves them out, so its margins differ slightly from those of the run that fitted it. Refit "
+                       "it to be exact.")
+    return pooling
 
 
 def check_direction(direction: Any) -> torch.Tensor:
