@@ -117,14 +117,16 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
         return result
 
     monkeypatch.setattr(rahf_trainer.RAHFTrainer, "_resolve_sources", staticmethod(spy))
-    assert cli.main(["rahf", "align", *common, "--preset", "authors", "--instructed", str(tmp_path / "scit"),
-                     "--output_dir", str(tmp_path / "rahf")]) == 0
+    # The byte-level test tokenizer makes the authors' instructions ~400 tokens, past the preset's 256.
+    long_prompts = ["--max_prompt_length", "1000"]
+    assert cli.main(["rahf", "align", *common, "--preset", "authors", *long_prompts, "--instructed",
+                     str(tmp_path / "scit"), "--output_dir", str(tmp_path / "rahf")]) == 0
     config = json.loads((tmp_path / "rahf" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and stacks[-1] == ["rahf_scit"]
 
     assert cli.main(["rahf", "dual", *common, "--output_dir", str(tmp_path / "dual")]) == 0
-    assert cli.main(["rahf", "align", *common, "--method", "dual", "--preset", "authors", "--instructed",
-                     str(tmp_path / "dual" / "good"), str(tmp_path / "dual" / "bad"),
+    assert cli.main(["rahf", "align", *common, "--method", "dual", "--preset", "authors", *long_prompts,
+                     "--instructed", str(tmp_path / "dual" / "good"), str(tmp_path / "dual" / "bad"),
                      "--output_dir", str(tmp_path / "rahf_dual")]) == 0
     assert stacks[-1] == ["rahf_good"]
 
@@ -132,8 +134,8 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
     from hf_repalign.rahf import cli as rahf_cli
 
     monkeypatch.setattr(rahf_cli, "_load", lambda args: (_ for _ in ()).throw(AssertionError("base loaded")))
-    assert cli.main(["rahf", "align", *common, "--preset", "authors", "--instructed", str(tmp_path / "scit_full"),
-                     "--output_dir", str(tmp_path / "rahf_full")]) == 0
+    assert cli.main(["rahf", "align", *common, "--preset", "authors", *long_prompts, "--instructed",
+                     str(tmp_path / "scit_full"), "--output_dir", str(tmp_path / "rahf_full")]) == 0
     assert stacks[-1] == []
 
 

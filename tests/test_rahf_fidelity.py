@@ -90,8 +90,9 @@ def test_dual_lora_on_the_good_adapter(tmp_path, tokenizer, scit_adapter):
     base = tiny_model("llama", vocab_size=len(tokenizer))
     torch.manual_seed(5)  # another random adapter than the good one (tiny_model reseeds)
     get_peft_model(base, _lora(init_lora_weights=False)).save_pretrained(str(bad))
+    # The byte-level test tokenizer makes the authors' instructions ~400 tokens, past the preset's 256.
     trainer = _trainer(tmp_path, tokenizer, (scit_adapter, str(bad)), method="dual", preset="authors",
-                       preferred_instruction=None, dispreferred_instruction=None)
+                       preferred_instruction=None, dispreferred_instruction=None, max_prompt_length=1000)
     assert trainer.stack == ["rahf_good"] and trainer.negative.adapters == ["rahf_bad"]
     batch = _batch(trainer)
     # authors' Dual: target and good stimulus are the same text, so the good pass is A_base's (skipped)

@@ -173,18 +173,36 @@ def test_collator_labels_only_response_tokens():
 def test_truncation_keeps_the_response_identical_under_both_instructions(tmp_path, tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     rows = [{"prompt": "Tell me a story about a dragon. " * 3, "chosen": "Once upon a time " * 4, "rejected": "No."}]
-    trainer = SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=80), train_dataset=rows,
-                          processing_class=tokenizer)
+    trainer = SCITTrainer(model, _args(tmp_path, max_length=200), train_dataset=rows, processing_class=tokenizer)
+    longest_prompt = 0
     for feature in trainer.train_dataset:
         own = feature["input_ids"][feature["prompt_length"]:]
         opposite = feature["opposite_input_ids"][feature["opposite_prompt_length"]:]
         assert own == opposite and len(own) >= 1
-        assert feature["prompt_length"] <= 60 and feature["opposite_prompt_length"] <= 60
-        assert max(len(feature["input_ids"]), len(feature["opposite_input_ids"])) <= 80
-    assert len(trainer.train_dataset[0]["input_ids"][trainer.train_dataset[0]["prompt_length"]:]) == 20
+        assert max(len(feature["input_ids"]), len(feature["opposite_input_ids"])) <= 200
+        longest_prompt = max(longest_prompt, feature["prompt_length"], feature["opposite_prompt_length"])
+    chosen = trainer.train_dataset[0]
+    assert len(chosen["input_ids"]) - chosen["prompt_length"] == 200 - longest_prompt  # the response was cut
     with pytest.raises(ValueError, match="leaves no room"):  # the only row is skipped: nothing left to train on
-        SCITTrainer(model, _args(tmp_path, max_prompt_length=60, max_length=50), train_dataset=rows,
+        SCITTrainer(model, _args(tmp_path, max_length=longest_prompt), train_dataset=rows,
                     processing_class=tokenizer)
+
+
+def test_prompts_longer_than_max_prompt_length_are_skipped_never_cut(tmp_path, tokenizer, monkeypatch):
+    # A left cut would drop the instruction at the prompt's start, and the two stimuli would no longer contrast.
+    from hf_repalign.rahf import scit
+
+    warnings = []
+    monkeypatch.setattr(scit.logger, "warning", warnings.append)
+    rows = [{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "No."},
+            {"prompt": "Tell me a story about a dragon. " * 3, "chosen": "Once upon a time.", "rejected": "No."}]
+    trainer = SCITTrainer(tiny_model("llama", vocab_size=len(tokenizer)), _args(tmp_path, max_prompt_length=90),
+                          train_dataset=rows, processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 2  # row 0 only, two examples
+    for feature in trainer.train_dataset:
+        for key in ("input_ids", "opposite_input_ids"):
+            assert P_POS in tokenizer.decode(feature[key]) or P_NEG in tokenizer.decode(feature[key])
+    assert any("skipped 1 row(s)" in w and "(rows 1)" in w and "max_prompt_length=90" in w for w in warnings)
 
 
 def test_rows_whose_prompt_leaves_no_room_are_skipped_and_named(tmp_path, tokenizer, monkeypatch):

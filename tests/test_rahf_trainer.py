@@ -10,7 +10,7 @@ from hf_repalign.formats import PreferenceFormatError
 from hf_repalign.rahf.trainer import RAHFConfig, rahf_loss
 from hf_repalign.testing import tiny_model
 
-from rahf_helpers import LAYERS, P_POS, ROWS, make_args, make_trainer, scit_adapter  # noqa: F401
+from rahf_helpers import LAYERS, P_NEG, P_POS, ROWS, make_args, make_trainer, scit_adapter  # noqa: F401
 from rahf_helpers import first_batch as _batch
 from rahf_helpers import lora as _lora
 from rahf_helpers import states as _states
@@ -232,3 +232,23 @@ def test_scit_stimuli_share_one_no_grad_forward(tmp_path, tokenizer, scit_adapte
     dual = _trainer(tmp_path, tokenizer, (scit_adapter, scit_adapter), method="dual")
     dual.compute_loss(dual.model.train(), _batch(dual))
     assert calls == [2, 2, 2, 2]
+
+
+def test_prompts_longer_than_max_prompt_length_are_skipped_never_cut(tmp_path, tokenizer, scit_adapter, monkeypatch):
+    # A left cut would drop the instruction at the start of the p+ / p- prompts: v would then be ~0 for that row.
+    from hf_repalign.rahf import scit
+
+    warnings = []
+    monkeypatch.setattr(scit.logger, "warning", warnings.append)
+    rows = [*ROWS[:2], {"prompt": "Tell me a story about a dragon. " * 4, "chosen": "Once.", "rejected": "No."}]
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, rows=rows, max_prompt_length=100)
+    assert sorted(trainer.train_dataset["example_index"]) == [0, 1]
+    assert any("RAHF: skipped 1 row(s)" in w and "(rows 2)" in w and "max_prompt_length=100" in w for w in warnings)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for key in ("positive_input_ids", "negative_input_ids"):
+        texts = tokenizer.batch_decode(batch[key])
+        assert all(P_POS in t or P_NEG in t for t in texts)
+    with pytest.raises(ValueError, match="no training example left"):
+        _trainer(tmp_path, tokenizer, scit_adapter, rows=rows[2:], max_prompt_length=100)
+    with pytest.raises(ValueError, match=r"example\(s\) \[7\] have a prompt longer"):  # pre-tokenized rows
+        trainer.data_collator([{**trainer.train_dataset[0], "positive_prompt_ids": [5] * 101, "example_index": 7}])

@@ -76,7 +76,7 @@ class SCITConfig(TrainingArguments):
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of response log-probs."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Weight of the reversed contrastive direction."})
     sft_weight: float = field(default=1.0, metadata={"help": "Weight of the P (likelihood) term of Eq. 1."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep the last N prompt tokens."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Skip rows whose instructed prompt is longer than N tokens."})
     max_length: int | None = field(default=None, metadata={"help": "Cut responses so prompt+response <= N."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "SCIT needs its own columns."})
 
@@ -93,15 +93,17 @@ class SCITConfig(TrainingArguments):
 def truncate_pairs(
     pairs: list[tuple[list[int], int]], max_prompt_length: int | None, max_length: int | None
 ) -> tuple[list[tuple[list[int], int]] | None, bool]:
-    """Sequences sharing one response: keep each prompt's last ``max_prompt_length`` tokens and cut the response
-    so that the longest prompt plus the response fits ``max_length`` (the response stays identical in all).
+    """Sequences sharing one response: cut the response so that the longest prompt plus the response fits
+    ``max_length`` (the response stays identical in all).
 
-    Returns ``(None, True)`` when the longest prompt leaves no room for a single response token."""
+    Returns ``(None, True)`` when a prompt is longer than ``max_prompt_length`` or leaves no room for a single
+    response token. Prompts are never cut: the instruction sits at their start, and cutting from the left would drop
+    it (the stimuli would then no longer contrast); the authors also filter long prompts out."""
     prompts = [ids[:n] for ids, n in pairs]
     response = pairs[0][0][pairs[0][1]:]
-    cut = False
     if max_prompt_length is not None and any(len(p) > max_prompt_length for p in prompts):
-        prompts, cut = [p[-max_prompt_length:] for p in prompts], True
+        return None, True
+    cut = False
     longest = max(len(p) for p in prompts)
     if max_length is not None and longest + len(response) > max_length:
         keep = max_length - longest
@@ -109,6 +111,13 @@ def truncate_pairs(
             return None, True
         response, cut = response[:keep], True
     return [(p + response, len(p)) for p in prompts], cut
+
+
+def warn_skipped_rows(method: str, skipped: list[int], why: str) -> None:
+    """One warning that counts and names the rows a method skipped (the first ten)."""
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        logger.warning(f"{method}: skipped {len(skipped)} row(s) {why} (rows {shown}).")
 
 
 def build_scit_examples(
@@ -139,12 +148,10 @@ def build_scit_examples(
             out["opposite_input_ids"].append(opp_ids)
             out["opposite_prompt_length"].append(opp_n)
     if truncated:
-        logger.warning(f"SCIT: truncated {truncated} sequence(s) to max_prompt_length/max_length.")
-    if skipped:
-        logger.warning(f"SCIT: skipped {len(skipped)} row(s) whose prompt leaves no room for the response under "
-                       f"max_length={args.max_length} (rows {', '.join(map(str, skipped[:10]))}"
-                       f"{', ...' if len(skipped) > 10 else ''}); raise max_length (or set a smaller "
-                       "max_prompt_length) to keep them.")
+        logger.warning(f"SCIT: cut the response of {truncated} sequence(s) to max_length={args.max_length}.")
+    warn_skipped_rows("SCIT", skipped, f"whose instructed prompt is longer than max_prompt_length="
+                      f"{args.max_prompt_length} or leaves no room for the response under "
+                      f"max_length={args.max_length}; raise them to keep these rows")
     return out
 
 
@@ -258,8 +265,9 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
             train_dataset, eval_dataset, build_scit_examples, SCIT_COLUMNS, tokenizer, args
         )
         if train_dataset is not None and len(train_dataset) == 0:
-            raise ValueError(f"SCIT: no training example left: rows whose prompt leaves no room for the response "
-                             f"under max_length={args.max_length} are skipped (see the warning above).")
+            raise ValueError(f"SCIT: no training example left: rows whose instructed prompt is longer than "
+                             f"max_prompt_length={args.max_prompt_length} or leaves no room for the response under "
+                             f"max_length={args.max_length} are skipped (see the warning above).")
         kwargs.setdefault("data_collator", SCITCollator(tokenizer.pad_token_id))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

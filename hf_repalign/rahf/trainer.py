@@ -49,7 +49,7 @@ from .patterns import (
     difference_vectors,
     target_layers,
 )
-from .scit import load_causal_lm, prepare_train_eval, seed_before_init
+from .scit import load_causal_lm, prepare_train_eval, seed_before_init, warn_skipped_rows
 from .store import TargetStore, write_targets
 from .trainer_mixin import RAHFTrainerMixin, save_training_args
 from .validation import (
@@ -132,8 +132,8 @@ class RAHFConfig(TrainingArguments):
     loss_type: str = field(default="l2", metadata={"help": "'l2' (mean per-token L2 norm, authors) or 'mse'."})
     max_response_tokens: int = field(default=64, metadata={
         "help": "First N response tokens carry the loss (authors: 64 Dual, 512 SCIT)."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Prompts keep their last N tokens (ours; "
-                                                                  "authors: 256)."})
+    max_prompt_length: int = field(default=512, metadata={
+        "help": "Rows whose instructed prompts are longer are skipped, with a warning naming them (ours; authors: 256)."})
     preferred_instruction: str | None = field(
         default=None, metadata={"help": "Instruction of the p+ stimulus (SCIT model / good model); default: the "
                                         "paper's p+ for scit, none for dual (ours; authors' Dual: the paper's p+)."}
@@ -235,7 +235,7 @@ def build_rahf_examples(rows: dict[str, list], indices: list[int], tokenizer: An
     templates = [instructed_template(tokenizer, instruction, args.prompt_format) for instruction in
                  (args.target_instruction, args.preferred_instruction, args.dispreferred_instruction)]
     out: dict[str, list] = {name: [] for name in RAHF_COLUMNS}
-    names = list(rows)
+    names, skipped = list(rows), []
     for j, row_index in enumerate(indices):
         triplet = to_triplet({name: rows[name][j] for name in names}, row_index)
         for k, side in enumerate(stimulus_sides(args.stimulus_response, row_index, args.seed)):
@@ -244,10 +244,17 @@ def build_rahf_examples(rows: dict[str, list], indices: list[int], tokenizer: An
             if any(r != responses[0] for r in responses):
                 raise ValueError(f"row {row_index}: the response tokenizes differently under the instructions; "
                                  "use a prompt_format whose prompt ends on a token boundary.")
+            # Cutting a prompt from the left would drop the instruction at its start, and with it the contrast of
+            # the stimuli; the authors filter long prompts out too.
+            if any(n > args.max_prompt_length for _, n in encoded):
+                skipped += [row_index] if row_index not in skipped else []
+                continue
             for name, (ids, n) in zip(RAHF_COLUMNS[:3], encoded):
                 out[name].append(ids[:n])
             out["response_ids"].append(responses[0][: args.max_response_tokens])
             out["example_index"].append(row_index * 2 + k if args.stimulus_response == "both" else row_index)
+    warn_skipped_rows("RAHF", skipped, f"whose instructed prompt is longer than max_prompt_length="
+                      f"{args.max_prompt_length} tokens; raise it to keep these rows")
     return out
 
 
@@ -261,11 +268,12 @@ class RAHFCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         keys = {"": "prompt_ids", "positive_": "positive_prompt_ids", "negative_": "negative_prompt_ids"}
-        longest = max(len(f[key]) for f in features for key in keys.values())
-        width = min(longest, self.max_prompt_length)
-        if longest > width:
-            logger.warning_once(f"RAHF: prompts longer than max_prompt_length={width} keep their last {width} "
-                                "tokens.")
+        width = max(len(f[key]) for f in features for key in keys.values())
+        if width > self.max_prompt_length:  # only pre-tokenized rows get here: build_rahf_examples skips them
+            rows = sorted({f["example_index"] for f in features for key in keys.values()
+                           if len(f[key]) > self.max_prompt_length})
+            raise ValueError(f"RAHF: example(s) {rows} have a prompt longer than max_prompt_length="
+                             f"{self.max_prompt_length}; cutting it would drop the instruction at its start.")
         responses = [f["response_ids"] for f in features]
         response_width = min(max(len(r) for r in responses), self.max_response_tokens)
         batch: dict[str, torch.Tensor] = {}
@@ -427,6 +435,9 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         train_dataset, eval_dataset = prepare_train_eval(
             train_dataset, eval_dataset, build_rahf_examples, RAHF_COLUMNS, tokenizer, args
         )
+        if train_dataset is not None and len(train_dataset) == 0:
+            raise ValueError(f"RAHF: no training example left: rows whose instructed prompt is longer than "
+                             f"max_prompt_length={args.max_prompt_length} are skipped (see the warning above).")
         kwargs.setdefault("data_collator", RAHFCollator(tokenizer.pad_token_id, args.max_prompt_length,
                                                         args.max_response_tokens))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
