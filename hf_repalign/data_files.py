@@ -116,16 +116,6 @@ def data_folder(data: str | os.PathLike | None = None) -> Path | None:
     return folder
 
 
-def shared_data_dir(data: str | os.PathLike | None = None) -> Path:
-    """A folder of the public files for scripts that read them by path: ``data``, else ``$HF_REPALIGN_DATA``, else
-    the shipped sample (with a one-line warning). Prefer the ``load_*`` functions, which also try the Hub."""
-    folder = data_folder(data)
-    if folder is None:
-        logger.warning(f"no data folder given (--data or {DATA_ENV}); using the small sample in {SAMPLE_DATA}.")
-        return SAMPLE_DATA
-    return folder
-
-
 def find_data_file(folder: Path, relative: str) -> Path:
     """``folder/relative``, or the same file stored uncompressed (``.gz`` dropped), as in ``sample_data``."""
     candidates = [folder / relative] + ([folder / relative[: -len(".gz")]] if relative.endswith(".gz") else [])

@@ -16,7 +16,6 @@ from hf_repalign.data_files import (
     load_mt_bench,
     load_public,
     load_truthfulqa_mc,
-    shared_data_dir,
 )
 
 SIZES = {"hh-rlhf/harmless-base": 48, "hh-rlhf/helpful-base": 48, "advbench": 48, "truthfulqa": 24, "mt_bench": 24}
@@ -60,15 +59,6 @@ def test_an_explicit_folder_or_the_environment_variable_is_read(tmp_path, monkey
     monkeypatch.setenv("HF_REPALIGN_DATA", str(tmp_path))
     assert load_hh_rlhf("harmless-base") == rows
     assert len(load_hh_rlhf("harmless-base", SAMPLE_DATA)) == 48  # the argument wins over the variable
-
-
-def test_shared_data_dir_is_the_explicit_folder_else_the_sample(tmp_path, monkeypatch, no_env):
-    warnings = []
-    monkeypatch.setattr(data_files.logger, "warning", warnings.append)
-    assert shared_data_dir(tmp_path) == tmp_path and not warnings
-    assert shared_data_dir() == SAMPLE_DATA and len(warnings) == 1 and "small sample" in warnings[0]
-    monkeypatch.setenv("HF_REPALIGN_DATA", str(tmp_path))
-    assert shared_data_dir() == tmp_path
 
 
 def test_missing_folders_and_files_are_one_line_errors(tmp_path, monkeypatch, no_env):
