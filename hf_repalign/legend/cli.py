@@ -1,9 +1,10 @@
 """``repalign legend fit-vector`` and ``repalign legend annotate``.
 
-Example:
-    $ repalign legend fit-vector --prompts ../shared/data/advbench/harmful_behaviors.csv --num_prompts 100 \\
-        --output out/margin-vector
-    $ repalign legend annotate --dataset ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz \\
+Example (the files are the 48-row samples shipped in ``hf_repalign/sample_data/``; AdvBench's
+``harmful_behaviors.csv`` and HH-RLHF's ``harmless-base/test.jsonl.gz`` are read the same way):
+    $ repalign legend fit-vector --prompts hf_repalign/sample_data/advbench/harmful_behaviors.csv \\
+        --num_prompts 48 --output out/margin-vector
+    $ repalign legend annotate --dataset hf_repalign/sample_data/hh-rlhf/harmless-base/test.jsonl \\
         --vector out/margin-vector --output out/harmless_margins.jsonl --resume
 """
 
