@@ -150,3 +150,17 @@ def test_scit_refuses_a_foreign_readme_unless_overwrite(setup, capsys):
     assert cli.main(["rahf", "scit", *common, "--use_peft", "--output_dir", str(out), "--overwrite"]) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
     assert not (out / "training_args.bin").exists() and (out / "training_args.json").is_file()
+
+
+def test_dual_refuses_a_foreign_readme_unless_overwrite(setup, capsys):
+    tmp_path, model_dir, common = setup
+    out = tmp_path / "dual"
+    (out / "good").mkdir(parents=True)
+    (out / "good" / "README.md").write_text("# my notes\n")
+    (out / "good" / "notes.txt").write_text("mine")
+    assert cli.main(["rahf", "dual", *common, "--use_peft", "--output_dir", str(out)]) == 1
+    assert "README.md" in capsys.readouterr().err and (out / "good" / "README.md").read_text() == "# my notes\n"
+    assert cli.main(["rahf", "dual", *common, "--use_peft", "--output_dir", str(out), "--overwrite"]) == 0
+    for side in ("good", "bad"):
+        assert (out / side / "adapter_model.safetensors").is_file()
+    assert (out / "good" / "notes.txt").read_text() == "mine"

@@ -154,7 +154,7 @@ def run_dual(args: DualCommand) -> int:
     rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
     folders = train_dual(model, tokenizer, rows, _config(args, DualConfig),
-                         peft_config=_lora(args) if args.use_peft else None)
+                         peft_config=_lora(args) if args.use_peft else None, overwrite=args.overwrite)
     print(f"good model: {folders['good']}\nbad model: {folders['bad']}")
     return 0
 

@@ -126,12 +126,15 @@ def train_dual(
     args: DualConfig,
     peft_config: Any = None,
     eval_dataset: Any = None,
+    overwrite: bool = False,
     **trainer_kwargs,
 ) -> dict[str, Path]:
     """Train the good and bad models; returns ``{"good": folder, "bad": folder}`` (adapters or full models).
 
     With ``peft_config`` the model gains two adapters ``"good"`` and ``"bad"`` in place (a ``PeftModel`` is
     returned in ``trainer_kwargs``-free form via the folders); otherwise each side fine-tunes its own copy.
+    ``overwrite=True`` lets the saves replace clashing files in ``output_dir/good`` and ``output_dir/bad`` (other
+    files there are kept either way).
     """
     from peft import get_peft_model
 
@@ -166,7 +169,7 @@ def train_dual(
         folders[name] = root / name
         if trainer.args.should_save:
             kind = PEFT_ADAPTER if peft_model is not None else TRANSFORMERS_MODEL
-            with atomic_folder(folders[name], kind) as tmp:
+            with atomic_folder(folders[name], kind, overwrite=overwrite) as tmp:
                 if peft_model is not None:
                     _save_adapter(peft_model, name, tmp)
                 else:
