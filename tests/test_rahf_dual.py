@@ -82,3 +82,25 @@ def test_interrupted_save_keeps_the_previous_adapter_folder(tmp_path, tokenizer,
     assert (folders["good"] / "adapter_model.safetensors").read_bytes() == before
     assert (folders["good"] / "adapter_config.json").is_file()
     assert not [p.name for p in (tmp_path / "dual").iterdir() if p.name.startswith(".")]
+
+
+def test_a_checkpoint_cut_short_is_never_visible_as_checkpoint_n(tmp_path, tokenizer, monkeypatch):
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = DualConfig(output_dir=str(tmp_path / "dual"), per_device_train_batch_size=2, max_steps=2, report_to="none",
+                      use_cpu=True, save_strategy="steps", save_steps=1, learning_rate=1e-2, max_length=None)
+    lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    original = Trainer._save_rng_state
+
+    def crash_at_step_2(self, output_dir):  # the last file of a checkpoint: model and optimizer are already there
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_dual(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, ROWS, args, peft_config=lora)
+    checkpoints = tmp_path / "dual" / "good_checkpoints"
+    assert get_last_checkpoint(str(checkpoints)) == str(checkpoints / "checkpoint-1")
+    assert (checkpoints / "checkpoint-1" / "rng_state.pth").is_file()

@@ -28,7 +28,7 @@ from ..formats import encode_pair, to_triplet
 from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from .instructions import instructed_template
 from .scit import seed_before_init
-from .trainer_mixin import FiniteLossMixin
+from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin
 from .validation import require_finite_weights, require_number, write_signature
 from .trainer_mixin import save_training_args
 
@@ -52,8 +52,8 @@ class DualConfig(SFTConfig):
         require_number("learning_rate", self.learning_rate, low=0.0)
 
 
-class _DualSFTTrainer(FiniteLossMixin, SFTTrainer):
-    """TRL's ``SFTTrainer`` that stops at the first non-finite loss (see ``FiniteLossMixin``)."""
+class _DualSFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` that stops at the first non-finite loss and writes each checkpoint atomically."""
 
 
 def build_dual_examples(

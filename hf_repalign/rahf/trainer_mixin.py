@@ -1,6 +1,7 @@
 """What ``SCITTrainer`` and ``RAHFTrainer`` share: metrics logged with one device sync, gradient accumulation
 that weighs every loss item (an example, a valid layer-position) equally, however the micro-batches split them, and
-a run that stops at the first non-finite loss (``FiniteLossMixin``, also used by Dual's SFT trainer).
+a run that stops at the first non-finite loss (``FiniteLossMixin``) and checkpoints renamed into place once
+complete (``AtomicCheckpointMixin``); Dual's SFT trainer uses these two as well.
 
 Under gradient accumulation the Trainer counts the items of all micro-batches of one optimizer step (and, with
 ``average_tokens_across_devices``, of all processes) and passes that count to ``compute_loss`` as
@@ -50,7 +51,44 @@ class FiniteLossMixin:
         return loss
 
 
-class RAHFTrainerMixin(FiniteLossMixin):
+class AtomicCheckpointMixin:
+    """Mix into a ``Trainer`` subclass: each ``checkpoint-N`` is built under ``.checkpoint-N.partial`` and renamed
+    into place once complete, so ``resume_from_checkpoint=True`` (the highest ``checkpoint-N``) never picks one cut
+    short by a kill; staging folders of killed runs are removed at the next save."""
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        # One name on every process (each rank writes its optimizer shards into it); not matched by `checkpoint-*`.
+        staging = run_dir / f".{name}.partial"
+        if self.args.should_save:
+            for leftover in run_dir.glob(f".{PREFIX_CHECKPOINT_DIR}-*.partial"):  # of killed runs
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            final = run_dir / name
+            if final.exists():  # the same step saved again (a resumed run): ours to replace
+                final.rename(staging / f"{name}.old")
+            (staging / name).rename(final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+class RAHFTrainerMixin(FiniteLossMixin, AtomicCheckpointMixin):
     """Mix into a ``Trainer`` subclass (before ``Trainer``); call ``_setup_mixin()`` after ``Trainer.__init__``."""
 
     def _setup_mixin(self) -> None:
@@ -107,36 +145,6 @@ class RAHFTrainerMixin(FiniteLossMixin):
             super()._save(str(tmp), state_dict)
             save_training_args(self.args, tmp)
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        run_dir = Path(self._get_output_dir(trial=trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        # One name on every process (each rank writes its optimizer shards into it); not matched by `checkpoint-*`.
-        staging = run_dir / f".{name}.partial"
-        if self.args.should_save:
-            for leftover in run_dir.glob(f".{PREFIX_CHECKPOINT_DIR}-*.partial"):  # of killed runs
-                shutil.rmtree(leftover, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staging:
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-                self.state.save_to_json(str(staging / name / "trainer_state.json"))
-            final = run_dir / name
-            if final.exists():  # the same step saved again (a resumed run): ours to replace
-                final.rename(staging / f"{name}.old")
-            (staging / name).rename(final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
 
 
 def save_training_args(args, folder: str | os.PathLike) -> None:
