@@ -92,15 +92,17 @@ def test_training_moves_towards_target_and_saved_adapter_reloads(tmp_path, token
     assert not torch.allclose(base_logits, reloaded(input_ids=ids).logits)
 
 
-def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer, scit_adapter):
-    common = dict(max_steps=4, learning_rate=5e-3, save_strategy="steps", save_steps=2)
-    full = _trainer(tmp_path / "a", tokenizer, scit_adapter, **common)
+@pytest.mark.parametrize("lora_on", ["base", "instructed"])  # instructed: the LoRA stacked on the SCIT adapter
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer, scit_adapter, lora_on):
+    common = dict(max_steps=4, learning_rate=5e-3, save_strategy="steps", save_steps=2, lora_on=lora_on)
+    full = make_trainer(tmp_path / "a", tokenizer, scit_adapter, **common)
     full.train()
     expected = {k: v.clone() for k, v in full.model.state_dict().items() if ".default." in k}
-    resumed = _trainer(tmp_path / "b", tokenizer, scit_adapter, **common)
+    resumed = make_trainer(tmp_path / "b", tokenizer, scit_adapter, **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
     got = {k: v for k, v in resumed.model.state_dict().items() if ".default." in k}
     assert resumed.state.global_step == 4 and expected.keys() == got.keys()
+    assert resumed.stack == ([] if lora_on == "base" else ["rahf_scit"])
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
 
