@@ -160,7 +160,12 @@ def clean_leftovers(folder: str | os.PathLike) -> list[str]:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    # Linux reports it without changing it; os.umask() must set it to read it, which for an instant would give
+    # files created by other threads of the process the wrong mode.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
