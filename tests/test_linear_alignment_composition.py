@@ -210,6 +210,20 @@ def test_bare_processor_checks_user_processors_listed_before_it(llama, tokenizer
     _assert_same(bare[:, plain["input_ids"].shape[1]:], want)
 
 
+def test_bare_processor_called_outside_a_list_says_it_cannot_check(llama, tokenizer, monkeypatch):
+    from hf_repalign.linear_alignment import processor as module
+
+    warnings = []
+    monkeypatch.setattr(module.logger, "warning_once", warnings.append)
+    plain, principle = _inputs(tokenizer)
+    proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=ALPHA)
+    proc(plain["input_ids"], _last_logits(llama, plain["input_ids"], plain["attention_mask"]))
+    assert len(warnings) == 1 and "cannot check" in warnings[0]
+    warnings.clear()
+    llama.generate(**plain, logits_processor=LogitsProcessorList([proc]), max_new_tokens=2, do_sample=False)
+    assert not warnings  # inside generate's list the upstream processors are checked instead
+
+
 def test_bare_normalize_refuses_upstream_bans(llama, tokenizer):
     plain, principle = _inputs(tokenizer)
     proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=5.0,

@@ -216,6 +216,11 @@ class LinearAlignmentProcessor(LogitsProcessor):
             return self._plausible(scores, principle_logits, processors).to(scores.dtype)
         if processors is not None:
             self._check_upstream(processors)
+        else:  # called outside a LogitsProcessorList: what ran before us cannot be checked, so say so once
+            logger.warning_once(
+                "LinearAlignmentProcessor was not called by generate's LogitsProcessorList, so it cannot check that "
+                "no processor changed the scores before it; it assumes `scores` are the plain model's raw logits. "
+                "Use custom_generate=paired_generate to be sure.")
         principle_logits = self._principle_logits(input_ids, scores)
         if principle_logits.shape != scores.shape:
             raise ValueError(
