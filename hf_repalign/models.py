@@ -104,6 +104,13 @@ def resolve_model_path(model: str | os.PathLike | None, what: str = "model") -> 
     return location
 
 
+def context_length(model) -> int | None:
+    """The model's context (``max_position_embeddings``, GPT-2's ``n_positions``), or None if it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def load_model_and_tokenizer(
     model: str | os.PathLike | None = None,
     *,

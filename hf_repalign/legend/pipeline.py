@@ -27,6 +27,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 from ..formats import PreferenceFormatError, PreferenceTriplet, check_template, to_triplet
+from ..models import context_length
 from .embedding import TRUNCATIONS, embed_pairs, embed_sequences, pair_embeddings
 from .margin import margin_raw
 from .vector import MarginVector
@@ -43,11 +44,6 @@ class _Row(NamedTuple):
 
     index: int
     triplet: PreferenceTriplet
-
-
-def context_length(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _as_row(example: Any, index: int) -> _Row:

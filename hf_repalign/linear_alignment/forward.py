@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 
 from hf_repalign.hidden import position_ids_from_mask
+from hf_repalign.models import context_length
 
 
 @lru_cache(maxsize=None)
@@ -37,13 +38,6 @@ def cached_step(
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs)
     new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return out.logits[:, -1].float(), new_cache
-
-
-def context_length(model: torch.nn.Module) -> int | None:
-    """The model's context (``max_position_embeddings``, GPT-2's ``n_positions``), or None if it declares none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def check_context(model: torch.nn.Module, attention_mask: torch.Tensor, branch: str) -> None:

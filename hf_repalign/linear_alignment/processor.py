@@ -34,7 +34,8 @@ from transformers import (
 from transformers.generation.logits_process import EncoderNoRepeatNGramLogitsProcessor
 from transformers.utils import logging
 
-from .forward import cached_step, check_context, context_length
+from ..models import context_length
+from .forward import cached_step, check_context
 from .rule import combine, plausibility_mask
 
 logger = logging.get_logger(__name__)
