@@ -254,3 +254,17 @@ def test_prompts_longer_than_max_prompt_length_are_skipped_never_cut(tmp_path, t
         _trainer(tmp_path, tokenizer, scit_adapter, rows=rows[2:], max_prompt_length=100)
     with pytest.raises(ValueError, match=r"example\(s\) \[7\] have a prompt longer"):  # pre-tokenized rows
         trainer.data_collator([{**trainer.train_dataset[0], "positive_prompt_ids": [5] * 101, "example_index": 7}])
+
+
+def test_saving_an_adapter_asks_the_hub_nothing(tmp_path, tokenizer, scit_adapter, monkeypatch):
+    # peft's save_embedding_layers="auto" looks the base config up on the Hub; RAHF never resizes the vocabulary.
+    from peft.utils import save_and_load
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked during an adapter save")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub)
+    trainer = _trainer(tmp_path, tokenizer, scit_adapter, max_steps=1, base_model="org/tiny-llama")
+    trainer.train()
+    trainer.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

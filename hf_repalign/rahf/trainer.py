@@ -610,7 +610,12 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         config.base_model_name_or_path = base_model or local
         require_finite_weights(peft_model, "RAHF adapter")
         try:
-            peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
+            # RAHF never resizes the vocabulary, so peft's "auto" check (a Hub lookup of the base config, a warning
+            # when offline) can be answered here: embeddings are saved exactly when the LoRA targets them.
+            targets = config.target_modules or []
+            targets = [targets] if isinstance(targets, str) else targets
+            peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER],
+                                       save_embedding_layers=any(t in ("embed_tokens", "lm_head") for t in targets))
         finally:
             config.base_model_name_or_path = local
         write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=self.stacked_on())
