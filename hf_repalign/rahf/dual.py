@@ -28,7 +28,7 @@ from ..formats import encode_pair, to_triplet
 from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from .instructions import instructed_template
 from .scit import seed_before_init
-from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin
+from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, targets_embeddings
 from .validation import require_finite_weights, require_number, write_signature
 from .trainer_mixin import save_training_args
 
@@ -104,7 +104,8 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name,
+                                      save_embedding_layers=targets_embeddings(peft_model.peft_config[name]))
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     require_finite_weights(tensors, f"Dual {name} adapter")
     save_file(tensors, str(directory / "adapter_model.safetensors"))

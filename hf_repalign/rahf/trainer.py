@@ -51,7 +51,7 @@ from .patterns import (
 )
 from .scit import load_causal_lm, prepare_train_eval, seed_before_init, warn_skipped_rows
 from .store import TargetStore, write_targets
-from .trainer_mixin import RAHFTrainerMixin, save_training_args
+from .trainer_mixin import RAHFTrainerMixin, save_training_args, targets_embeddings
 from .validation import (
     base_signature,
     check_adapter_folder,
@@ -610,12 +610,8 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         config.base_model_name_or_path = base_model or local
         require_finite_weights(peft_model, "RAHF adapter")
         try:
-            # RAHF never resizes the vocabulary, so peft's "auto" check (a Hub lookup of the base config, a warning
-            # when offline) can be answered here: embeddings are saved exactly when the LoRA targets them.
-            targets = config.target_modules or []
-            targets = [targets] if isinstance(targets, str) else targets
             peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER],
-                                       save_embedding_layers=any(t in ("embed_tokens", "lm_head") for t in targets))
+                                       save_embedding_layers=targets_embeddings(config))
         finally:
             config.base_model_name_or_path = local
         write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=self.stacked_on())

@@ -30,6 +30,14 @@ import torch
 from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 
 
+def targets_embeddings(peft_config) -> bool:
+    """Whether a LoRA config targets the embeddings, i.e. peft's ``save_embedding_layers``. RAHF never resizes the
+    vocabulary, so this answers peft's "auto" check, which would look the base config up on the Hub at every save."""
+    targets = peft_config.target_modules or []
+    targets = [targets] if isinstance(targets, str) else targets
+    return any(t in ("embed_tokens", "lm_head") for t in targets)
+
+
 class FiniteLossMixin:
     """Mix into a ``Trainer`` subclass: a NaN or infinite training loss stops the run with an error naming the step.
 
