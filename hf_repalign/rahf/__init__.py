@@ -9,7 +9,7 @@ Example:
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "DualConfig": "dual",
+    "DualConfig": "dual_config",
     "train_dual": "dual",
     "DISPREFERRED_INSTRUCTION": "instructions",
     "PREFERRED_INSTRUCTION": "instructions",
@@ -19,11 +19,11 @@ _EXPORTS = {
     "align_stimuli": "patterns",
     "default_target_layers": "patterns",
     "difference_vectors": "patterns",
-    "SCITConfig": "scit",
+    "SCITConfig": "scit_config",
     "SCITTrainer": "scit",
     "scit_loss": "scit",
     "stack_adapters": "stack",
-    "RAHFConfig": "trainer",
+    "RAHFConfig": "rahf_config",
     "RAHFTrainer": "trainer",
     "rahf_loss": "trainer",
 }

@@ -19,9 +19,9 @@ from pathlib import Path
 from ..cli import UsageError
 from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, atomic_folder, check_target, check_writable,
                    hub_offline, local_or_repo_id, refuse_inputs)
-from .dual import DualConfig
-from .scit import SCITConfig
-from .trainer import RAHFConfig
+from .dual_config import DualConfig
+from .rahf_config import RAHFConfig
+from .scit_config import SCITConfig
 
 
 @dataclass

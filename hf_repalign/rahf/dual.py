@@ -16,40 +16,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from transformers.utils import logging
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from ..formats import encode_pair, to_triplet
 from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
+from .dual_config import DualConfig
 from .instructions import instructed_template
 from .scit import seed_before_init
 from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, targets_embeddings
-from .validation import require_finite_weights, require_number, write_signature
+from .validation import require_finite_weights, write_signature
 from .trainer_mixin import save_training_args
 
 logger = logging.get_logger(__name__)
 
 SIDES = {"good": "chosen", "bad": "rejected"}
-
-
-@dataclass
-class DualConfig(SFTConfig):
-    """``SFTConfig`` plus how the preference rows are rendered; ``output_dir/good`` and ``output_dir/bad`` get the
-    two models."""
-
-    good_instruction: str = field(default="", metadata={"help": "Instruction in the good model's prompts."})
-    bad_instruction: str = field(default="", metadata={"help": "Instruction in the bad model's prompts."})
-    prompt_format: str | None = field(default=None, metadata={"help": "Format with {query}; default as SCIT."})
-    completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on response tokens only."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        require_number("learning_rate", self.learning_rate, low=0.0)
 
 
 class _DualSFTTrainer(FiniteLossMixin, AtomicCheckpointMixin, SFTTrainer):

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,9 +30,10 @@ from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
 from ..models import load_model_and_tokenizer, resolve_model_path
-from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION, instructed_template
+from .instructions import instructed_template
+from .scit_config import SCITConfig
 from .trainer_mixin import RAHFTrainerMixin
-from .validation import require_finite_weights, require_number, write_signature
+from .validation import require_finite_weights, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -61,33 +62,6 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor, length_normalize:
     mask = (targets != -100).to(token_logps.dtype)
     total = (token_logps * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if length_normalize else total
-
-
-@dataclass
-class SCITConfig(TrainingArguments):
-    """``TrainingArguments`` plus SCIT's options (defaults: the paper's)."""
-
-    preferred_instruction: str = field(default=PREFERRED_INSTRUCTION, metadata={"help": "p+ (paper App. A.1)."})
-    dispreferred_instruction: str = field(default=DISPREFERRED_INSTRUCTION, metadata={"help": "p- (App. A.1)."})
-    prompt_format: str | None = field(
-        default=None,
-        metadata={"help": "Format with {query}; default: the chat template, else 'Human: {query}\\n\\nAssistant: '."},
-    )
-    length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of response log-probs."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Weight of the reversed contrastive direction."})
-    sft_weight: float = field(default=1.0, metadata={"help": "Weight of the P (likelihood) term of Eq. 1."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Skip rows whose instructed prompt is longer than N tokens."})
-    max_length: int | None = field(default=None, metadata={"help": "Cut responses so prompt+response <= N."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "SCIT needs its own columns."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        require_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
-        require_number("sft_weight", self.sft_weight, low=0.0)
-        require_number("learning_rate", self.learning_rate, low=0.0)
-        for name in ("max_prompt_length", "max_length"):
-            if getattr(self, name) is not None:
-                require_number(name, getattr(self, name), low=1, integer=True)
 
 
 def truncate_pairs(
