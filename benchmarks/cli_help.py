@@ -1,9 +1,11 @@
 """Wall time of ``repalign ... --help`` for every command (the target: under 2 s), in fresh processes.
 
 Each command runs ``--repeats`` times and the median is reported. The RAHF commands' arguments are
-``TrainingArguments`` (they import torch), so their help is cached under ``$HF_HOME/hf_repalign/cli-help``: the
-first, ``cold`` call builds it (with a fresh ``HF_HOME``), later calls read it. Give ``--repalign`` another
-console script (e.g. an older install) to compare; several executables are measured interleaved.
+``TrainingArguments`` (they import torch), so their help comes from a description of their parser: the one shipped
+in ``hf_repalign/cli_help.json`` when it holds for the installed versions, else one built on the first call and
+kept under ``$HF_HOME/hf_repalign/cli-help``. ``cold`` is the first call with a fresh ``HF_HOME``. Give
+``--repalign`` another console script (e.g. an older install) to compare; several executables are measured
+interleaved.
 
     python benchmarks/cli_help.py --repalign .venv/bin/repalign /work/main/.venv/bin/repalign --repeats 3
 """

@@ -6,8 +6,8 @@ flags on the command line override it (TRL's ``TrlParser``). Every user error en
 ``REPALIGN_DEBUG=1``) also prints the traceback.
 
 Only the chosen command's argument module is imported, and the argument modules are light, so ``--help`` answers
-fast; the RAHF commands' arguments are ``TrainingArguments`` (which import torch), so their help text is cached in
-``$HF_HOME/hf_repalign/cli-help`` after the first call.
+fast; the RAHF commands' arguments are ``TrainingArguments`` (which import torch), so their help is printed from a
+description of their parser (``cli_help.py``).
 
 Example:
     $ repalign generate "How do I pick a lock?" --principle "Be harmless." --alpha 2
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib
-import io
 import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +45,7 @@ class Command:
     args: str
     run: str
     positional: str | None = None  # a list field that may also be given as bare words
-    cached_help: bool = False  # its arguments import torch: serve --help from a cache
+    cached_help: bool = False  # its arguments import torch: --help from a description (cli_help.py)
 
 
 GROUPS = {
@@ -176,44 +173,22 @@ def check_finite(args: object) -> None:
             raise UsageError(f"argument --{f.name}: must be a finite number, got {value}.")
 
 
-def _help_cache(command: Command) -> Path:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .hub import hf_home
-
-    parts = [str(os.get_terminal_size().columns if sys.stdout.isatty() else os.environ.get("COLUMNS", ""))]
-    for package in ("hf_repalign", "transformers", "trl", "peft"):
-        try:
-            parts.append(version(package))
-        except PackageNotFoundError:
-            parts.append("-")
-    source = Path(__file__).parent  # an editable install changes without a version bump
-    parts += [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(source.rglob("*.py"))]
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return hf_home() / "hf_repalign" / "cli-help" / f"{'-'.join(command.path)}-{key}.txt"
+def leaf_parser(command: Command) -> tuple[argparse.ArgumentParser, type]:
+    """``command``'s own parser (the one that prints its ``--help``) and its arguments dataclass."""
+    parser = build_parser(command)
+    return parser._defaults["_leaf"], parser._defaults["_args_class"]
 
 
 def _print_help(argv: list[str], command: Command | None) -> bool:
-    """Serve ``--help`` of a heavy command from the cache; ``True`` if it was printed."""
-    if command is None or not command.cached_help or not ({"-h", "--help"} & set(argv)):
+    """Print a heavy command's ``--help`` without importing its arguments when it can; ``True`` if printed."""
+    if command is None or not command.cached_help:
         return False
-    cache = _help_cache(command)
-    if cache.is_file():
-        sys.stdout.write(cache.read_text())
-        return True
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        try:
-            build_parser(command).parse_args(argv)
-        except SystemExit:
-            pass
-    from .hub import atomic_write_text
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")][: len(command.path)]
+    if not {"-h", "--help"} & set(argv[words[-1] + 1:]):  # "rahf --help scit" is the group's help
+        return False
+    from .cli_help import print_help
 
-    try:
-        atomic_write_text(cache, buffer.getvalue())
-    except OSError:
-        pass  # a read-only cache only costs speed
-    sys.stdout.write(buffer.getvalue())
+    print_help("-".join(command.path), lambda: leaf_parser(command))
     return True
 
 
@@ -225,7 +200,7 @@ def _parse(argv: list[str]) -> tuple[Command, object]:
     if command is None:
         parser.parse_args(argv)  # prints the usage error or help and exits
         raise UsageError(f"unknown command {' '.join(argv)!r}.")
-    leaf = parser._defaults.get("_leaf")
+    leaf = parser._defaults["_leaf"]
     argv = _apply_config(leaf, argv)
     namespace = parser.parse_args(argv)
     args_class = namespace._args_class
