@@ -143,17 +143,19 @@ def source_files(args_class: type) -> list[str]:
     return sorted(str(f.relative_to(PACKAGE)) for f in files)
 
 
-def _matches(entry: dict[str, Any] | None) -> bool:
-    if not entry or entry.get("environment") != environment():
+def _matches(entry: Any) -> bool:
+    if not isinstance(entry, dict) or entry.get("environment") != environment() or "parser" not in entry:
         return False
-    return all(_sha256(f) == digest for f, digest in entry["sources"].items())
+    sources = entry.get("sources")
+    return isinstance(sources, dict) and all(_sha256(f) == digest for f, digest in sources.items())
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def user_cache(name: str) -> Path:
@@ -184,19 +186,19 @@ def print_help(name: str, live: Callable[[], tuple[argparse.ArgumentParser, type
     if description is not None:
         try:
             text = rebuild(description).format_help()
-        except (TypeError, ValueError, KeyError, IndexError):  # a damaged cache file: build the live parser
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):  # damaged: build the live parser
             text = None
         if text is not None:
             sys.stdout.write(text)
             return
     parser, args_class = live()
     parser.print_help()
-    try:
-        from .hub import atomic_write_text
+    from .hub import atomic_write_text
 
+    try:
         atomic_write_text(user_cache(name), json.dumps(entry(parser, args_class)))
-    except (OSError, Unsupported):
-        pass  # an unwritable cache or an undescribable parser only costs speed
+    except Exception:  # noqa: BLE001  (the help is printed; an unwritable cache or an undescribable parser only
+        pass  # costs speed on the next call)
 
 
 def write_shipped(path: Path = SHIPPED) -> None:

@@ -93,6 +93,9 @@ def test_stale_or_foreign_descriptions_fall_back_to_the_live_parser(live, home, 
     data["sources"] = {f: "0" * 64 for f in data["sources"]}
     cached.write_text(json.dumps(data))
     assert cli_help.lookup(name, shipped) is None
+    for damaged in ("[1, 2]", "{not json", json.dumps({**data, "sources": [1]}), json.dumps({"parser": {}})):
+        cached.write_text(damaged)
+        assert cli_help.lookup(name, shipped) is None
     data = cli_help.entry(*live[name])
     data["parser"]["actions"][1]["kind"] = "no-such-action"  # damaged, though it claims to hold
     cached.write_text(json.dumps(data))
