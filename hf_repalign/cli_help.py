@@ -143,8 +143,8 @@ def source_files(args_class: type) -> list[str]:
     return sorted(str(f.relative_to(PACKAGE)) for f in files)
 
 
-def _matches(entry: Any) -> bool:
-    if not isinstance(entry, dict) or entry.get("environment") != environment() or "parser" not in entry:
+def _matches(entry: Any, env: dict[str, Any]) -> bool:
+    if not isinstance(entry, dict) or entry.get("environment") != env or "parser" not in entry:
         return False
     sources = entry.get("sources")
     return isinstance(sources, dict) and all(_sha256(f) == digest for f, digest in sources.items())
@@ -167,10 +167,12 @@ def user_cache(name: str) -> Path:
 
 def lookup(name: str, shipped: Path = SHIPPED) -> dict[str, Any] | None:
     """The description of command ``name`` ("rahf-scit") that holds here: shipped, else cached, else ``None``."""
-    for entry in (_read(shipped).get(name), _read(user_cache(name))):
-        if _matches(entry):
-            return entry["parser"]
-    return None
+    env = environment()
+    entry = _read(shipped).get(name)
+    if _matches(entry, env):
+        return entry["parser"]
+    cached = _read(user_cache(name))  # read only when the shipped one does not hold
+    return cached["parser"] if _matches(cached, env) else None
 
 
 def entry(parser: argparse.ArgumentParser, args_class: type) -> dict[str, Any]:
