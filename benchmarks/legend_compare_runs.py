@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from hf_repalign.data_files import read_jsonl
+from hf_repalign.text_files import read_jsonl
 
 
 def main() -> None:

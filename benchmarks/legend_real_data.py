@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parse_dtype, save_figure, write_json  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401
-from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf, read_jsonl  # noqa: E402
+from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf  # noqa: E402
+from hf_repalign.text_files import read_jsonl  # noqa: E402
 from hf_repalign.legend import MarginVector  # noqa: E402
 from hf_repalign.legend.presets import POOLINGS  # noqa: E402
 from hf_repalign.models import load_model_and_tokenizer  # noqa: E402

@@ -20,9 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers.utils import logging
+
+from .text_files import read_csv, read_json, read_jsonl
 
 logger = logging.get_logger(__name__)
 
@@ -44,27 +43,17 @@ class DataNotFoundError(FileNotFoundError):
 
 def read_advbench(path: str | os.PathLike) -> list[str]:
     """AdvBench ``harmful_behaviors.csv``: the ``goal`` column, in file order."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [row["goal"] for row in csv.DictReader(handle)]
+    return [row["goal"] for row in read_csv(path)]
 
 
 def read_mt_bench(path: str | os.PathLike) -> list[str]:
     """MT-Bench ``question.jsonl``: the first-turn questions, in file order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line)["turns"][0] for line in handle if line.strip()]
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """JSON lines, gzip-compressed when the name ends in ``.gz`` (HH-RLHF's ``test.jsonl.gz``)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [row["turns"][0] for row in read_jsonl(path)]
 
 
 def read_truthfulqa_mc(path: str | os.PathLike) -> list[dict]:
     """TruthfulQA ``mc_task.json``: ``{"question", "mc1_targets": {answer: 0/1}, "mc2_targets": ...}`` rows."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_json(path)
 
 
 def _truthfulqa_from_hub(dataset: Any) -> list[dict]:

@@ -340,7 +340,7 @@ def test_resume_refuses_checkpoints_of_another_run(pipe, tmp_path, monkeypatch, 
 def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
     import gzip
 
-    from hf_repalign.data_files import read_jsonl
+    from hf_repalign.text_files import read_jsonl
     from hf_repalign.legend import usable_rows
 
     good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}

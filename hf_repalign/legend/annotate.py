@@ -38,7 +38,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..data_files import read_jsonl
+from ..text_files import read_jsonl
 from ..formats import PreferenceFormatError, to_triplet
 from ..hub import atomic_write_text
 from .binning import equal_frequency_bins

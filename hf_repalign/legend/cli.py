@@ -10,13 +10,13 @@ Example (the files are the 48-row samples shipped in ``hf_repalign/sample_data/`
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..cli import DType, UsageError
 from ..hub import check_output_file, check_target, check_writable, local_or_repo_id, refuse_inputs
+from ..text_files import read_csv, read_jsonl, read_lines
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS, POOLINGS
 
 
@@ -117,14 +117,11 @@ def read_prompts(path: str | Path, column: str, limit: int | None = None, harmfu
     if path.suffix == ".txt":
         if harmful_column:
             raise UsageError("--harmful_column needs a .csv or .jsonl file.")
-        rows = [{column: line} for line in path.read_text().splitlines() if line.strip()]
+        rows = [{column: line} for line in read_lines(path, "--prompts")]
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_csv(path, "--prompts")
     elif path.suffix == ".jsonl":
-        from ..data_files import read_jsonl  # imports transformers' logging: not at --help time
-
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, "--prompts")
     else:
         raise UsageError(f"--prompts: unsupported file {path}; use .csv, .jsonl or .txt.")
     rows = rows[:limit]

@@ -1,0 +1,97 @@
+"""Reading the text files users hand us (JSON lines, CSV, plain lines, JSON), with errors that name file and line.
+
+Every data entry point reads through here, so all of them accept a UTF-8 byte-order mark, refuse bytes that are not
+UTF-8 and lone surrogates (``"\\ud800"`` escapes in JSON) with the file and line, and refuse a JSON-lines row that is
+not an object. Imports nothing heavy: the CLI uses it before torch is loaded.
+
+Example:
+    >>> from hf_repalign.text_files import read_jsonl
+    >>> rows = read_jsonl("pairs.jsonl")      # [{"prompt": ..., "chosen": ..., "rejected": ...}, ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from typing import Any
+
+_BOM = "\ufeff"
+
+
+class TextFileError(ValueError):
+    """A data file that cannot be read as UTF-8 text of the expected shape; the message names file and line."""
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The whole file as text: UTF-8 (an optional byte-order mark is dropped), gzip-compressed when named ``*.gz``."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextFileError(
+            f"{what} {os.fspath(path)}, line {_line_of(data, err.start)}: byte {data[err.start]:#04x} is not valid "
+            "UTF-8; save the file as UTF-8."
+        ) from None
+    return text[1:] if text.startswith(_BOM) else text
+
+
+def _surrogate_free(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_surrogate_free(k) and _surrogate_free(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_surrogate_free(v) for v in value)
+    return True
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TextFileError(f"{where}: not valid JSON ({err.msg}, column {err.colno}).") from None
+    if not _surrogate_free(value):
+        raise TextFileError(f"{where}: holds a lone surrogate escape (such as \\ud800), which is not valid Unicode.")
+    return value
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """JSON lines; every non-blank line must be one JSON object (the error names the file and line)."""
+    rows = []
+    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{what} {os.fspath(path)}, line {number}"
+        row = _parse_json(line, where)
+        if not isinstance(row, dict):
+            raise TextFileError(f"{where}: expected a JSON object ({{...}}) per line, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """One JSON document."""
+    return _parse_json(read_text(path, what), f"{what} {os.fspath(path)}")
+
+
+def read_csv(path: str | os.PathLike, what: str = "file") -> list[dict[str, str]]:
+    """CSV rows as dicts keyed by the header."""
+    return list(csv.DictReader(io.StringIO(read_text(path, what), newline="")))
+
+
+def read_lines(path: str | os.PathLike, what: str = "file") -> list[str]:
+    """The non-blank lines of a plain text file."""
+    return [line for line in read_text(path, what).splitlines() if line.strip()]
