@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,7 +49,10 @@ CARD_NAME = "README.md"
 TAG = "hf_repalign"  # every card we write carries this tag; a README.md without it is the user's
 
 _PREFIX = ".repalign-"  # our temp files and staging folders: ".repalign-<host>-<pid>-<random>..."
-_JOURNAL = ".repalign-commit.json"
+_COMMIT = ".repalign-commit"  # a staging folder renamed to this name is committed; moving its files in completes it
+_STALE = ".stale"  # in a commit folder: names of the old files the commit removes, one a line
+_LEGACY_JOURNAL = ".repalign-commit.json"  # older versions' commit journal: never read
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")  # every file an artifact may have
 # Files that make a folder "an artifact": writing a different kind of artifact over them needs overwrite=True.
 _ARTIFACT_PATTERNS = ("config.json", "adapter_config.json", "targets.json", "*.safetensors", "*.bin", "*.pt",
                       "*.pth", "*.gguf", "*.ckpt", "*.safetensors.index.json")
@@ -77,13 +81,21 @@ class ArtifactKind:
     owns: tuple[str, ...]
     marker: Callable[[Path], bool]
 
+    def __post_init__(self):
+        _KINDS.append(self)
+
     def owned(self, filename: str) -> bool:
         return filename == CARD_NAME or any(fnmatch.fnmatch(filename, pattern) for pattern in self.owns)
 
 
+_KINDS: list[ArtifactKind] = []  # every kind defined: a load checks an unfinished commit's names against them
+
+
 def config_has(folder: Path, name: str, key: str, value: Any = None) -> bool:
-    """Whether ``folder/name`` is a JSON object with ``key`` (equal to ``value`` when given)."""
+    """Whether ``folder/name`` is a JSON object with ``key`` (equal to ``value`` when given); a link is not read."""
     try:
+        if (folder / name).is_symlink():
+            return False
         config = json.loads((folder / name).read_text())
     except (OSError, ValueError):
         return False
@@ -138,22 +150,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _pending_staging(folder: Path) -> str | None:
-    """The staging folder named by an interrupted commit's journal in ``folder``, if any."""
-    try:
-        return json.loads((folder / _JOURNAL).read_text())["staging"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def clean_leftovers(folder: str | os.PathLike) -> list[str]:
     """Remove temp files/folders of crashed hf_repalign writers in ``folder``; returns their names."""
     folder = Path(folder)
     removed = []
-    pending = _pending_staging(folder)  # still needed to complete an interrupted commit
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in folder.iterdir():
-            if entry.name.startswith(_PREFIX) and entry.name not in (_JOURNAL, pending) and _writer_is_dead(entry.name):
+            if entry.name.startswith(_PREFIX) and _writer_is_dead(entry.name):
                 _remove(entry)
                 removed.append(entry.name)
     return removed
@@ -227,43 +230,118 @@ def _locked(folder: Path, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _finish_commit(folder: Path) -> bool:
-    """Complete a commit a killed writer left behind (its journal exists); ``True`` if there was one."""
-    journal = folder / _JOURNAL
+class BookkeepingError(ValueError):
+    """A file or folder hf_repalign keeps in a folder holds something it did not write; the message names it and the
+    fix. Nothing is read, moved or deleted on its say-so."""
+
+
+def _refuse(path: Path, problem: str) -> BookkeepingError:
+    return BookkeepingError(f"{path} {problem}, so it is not an unfinished save by hf_repalign; delete it (that "
+                            "discards the unfinished save) and save again.")
+
+
+def _any_kind_owns(name: str) -> bool:
+    return any(kind.owned(name) for kind in _KINDS)
+
+
+def _pending_commit(folder: Path, owned: Callable[[str], bool]) -> tuple[list[str], list[str]] | None:
+    """The files an unfinished commit in ``folder`` moves into place and the old files it removes, or ``None``.
+
+    Only what a save writes is accepted: a real folder (no link) of plain files whose names ``owned`` accepts, and a
+    list of such names. Entry names come from the folder listing, so none can hold a ``/`` or be ``..``.
+    """
+    commit = folder / _COMMIT
     try:
-        plan = json.loads(journal.read_text())
+        mode = os.lstat(commit).st_mode
     except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(mode):
+        raise _refuse(commit, "is not a folder")
+    files = []
+    for entry in os.scandir(commit):
+        if entry.name == _STALE:
+            continue
+        if not entry.is_file(follow_symlinks=False) or not _PLAIN_NAME.fullmatch(entry.name) or not owned(entry.name):
+            raise _refuse(commit, f"holds {entry.name!r}, which is not a file of this artifact")
+        if (folder / entry.name).is_dir() and not (folder / entry.name).is_symlink():
+            raise _refuse(commit, f"would replace the folder {folder / entry.name}")
+        files.append(entry.name)
+    stale_list = commit / _STALE
+    if not stale_list.is_file() or stale_list.is_symlink() or stale_list.stat().st_size > 1 << 16:
+        raise _refuse(commit, f"has no {_STALE} list of at most 64 KiB")
+    try:
+        stale = stale_list.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise _refuse(commit, f"has a {_STALE} list that is not UTF-8") from None
+    for name in stale:
+        if not _PLAIN_NAME.fullmatch(name) or not owned(name) or name in files:
+            raise _refuse(commit, f"lists {name!r} in {_STALE}, which is not an old file of this artifact")
+    return sorted(files, key=_commit_order), stale
+
+
+def _commit_order(name: str) -> tuple:
+    return name.endswith("config.json"), name == CARD_NAME, name  # config files last: readers key on them
+
+
+def _finish_commit(folder: Path, owned: Callable[[str], bool]) -> bool:
+    """Complete an unfinished commit in ``folder`` (a killed writer's); ``True`` if there was one. Call it under the
+    folder's exclusive lock, from a save only: it does no more than that save would do to its own files."""
+    pending = _pending_commit(folder, owned)
+    if pending is None:
         return False
-    except ValueError:  # the journal's own write was cut: the commit never started
-        journal.unlink()
-        return False
-    staging = folder / plan["staging"]
-    for name in plan["files"]:
-        if (staging / name).exists():
-            os.replace(staging / name, folder / name)
-    for name in plan["remove"]:
-        (folder / name).unlink(missing_ok=True)
+    commit = folder / _COMMIT
+    files, stale = pending
+    for name in files:
+        os.replace(commit / name, folder / name)  # a link at folder/name is replaced, never followed
+    for name in stale:
+        path = folder / name
+        if (path.is_file() or path.is_symlink()) and (name != CARD_NAME or _is_our_card(path)):
+            path.unlink()
     _fsync(folder)
-    journal.unlink()
-    shutil.rmtree(staging, ignore_errors=True)
+    (commit / _STALE).unlink()
+    commit.rmdir()
     return True
 
 
-def recover(folder: str | os.PathLike) -> None:
-    """Finish an interrupted commit in ``folder`` (if any) so readers see one complete artifact."""
-    folder = Path(folder)
-    if not (folder / _JOURNAL).exists():
-        return
-    try:
-        with _locked(folder):
-            _finish_commit(folder)
-    except PermissionError as err:
-        raise PermissionError(f"{folder} holds an interrupted save that needs write access to complete; run the "
-                              "save again or load it as its owner.") from err
+def _warn_legacy_journal(folder: Path) -> None:
+    if os.path.lexists(folder / _LEGACY_JOURNAL):
+        from transformers.utils import logging
 
+        logging.get_logger(__name__).warning(
+            f"{folder / _LEGACY_JOURNAL} is the journal of a save that an older hf_repalign left unfinished; it is "
+            "ignored. Check that the artifact loads as you expect, then delete the file.")
+
+
+def artifact_file(folder: str | os.PathLike, name: str, local: bool = True) -> Path:
+    """The path to read the artifact file ``name`` from, without changing the folder (read-only media included).
+
+    An unfinished commit's file is read from its staging folder, so a reader sees the committed artifact. In a
+    ``local`` folder (not a Hub snapshot, whose files link into the HF cache) a link that leads out is refused.
+    """
+    folder = Path(folder)
+    _warn_legacy_journal(folder)
+    pending = _pending_commit(folder, _any_kind_owns)
+    path = folder / _COMMIT / name if pending is not None and name in pending[0] else folder / name
+    if local and path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{path} is a link to {path.resolve()}, outside the folder; copy the file into the folder.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {name}; is it a folder written by save_pretrained?")
+    return path
+
+
+def recover(folder: str | os.PathLike) -> bool:
+    """Complete an unfinished save in ``folder`` (a writer killed after its commit point); ``True`` if there was one.
+
+    Loads never need this (they read the committed files where they are); the next save does it too.
+    """
+    folder = Path(folder)
+    with _locked(folder):
+        return _finish_commit(folder, _any_kind_owns)
 
 # ------------------------------------------------------------------------------------------------ saving
 def _is_our_card(path: Path) -> bool:
+    if path.is_symlink():
+        return False
     try:
         head = path.read_text(encoding="utf-8", errors="replace")[:4000]
     except OSError:
@@ -344,20 +422,24 @@ def refuse_inputs(output: str | os.PathLike, what: str, inputs: Mapping[str, Any
 
 
 def _commit(target: Path, staging: Path, kind: ArtifactKind) -> None:
-    files = sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith("config.json"), n == CARD_NAME, n))
-    subfolders = [n for n in files if (staging / n).is_dir()]
-    if subfolders:
-        raise ValueError(f"an artifact must be flat; the save wrote folder(s) {subfolders}.")
+    """Under the folder lock: name the stale files, then rename ``staging`` to the commit folder (the commit point)
+    and move its files into place."""
+    files = sorted(p.name for p in staging.iterdir())
+    bad = [n for n in files if not (staging / n).is_file() or (staging / n).is_symlink() or not _PLAIN_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"an artifact is a flat folder of plain files; the save wrote {bad}.")
     stale = [p.name for p in target.iterdir() if p.is_file() and kind.owned(p.name) and p.name not in files
-             and not p.name.startswith(_PREFIX) and not (p.name == CARD_NAME and not _is_our_card(p))]
+             and _PLAIN_NAME.fullmatch(p.name) and not (p.name == CARD_NAME and not _is_our_card(p))]
     for name in files:
         _as_created(staging / name)
         _fsync(staging / name)
+    (staging / _STALE).write_text("".join(f"{name}\n" for name in stale), encoding="utf-8")
+    _fsync(staging / _STALE)
     _fsync(staging)
-    with atomic_file(target / _JOURNAL) as tmp:  # the commit point
-        tmp.write_text(json.dumps({"staging": staging.name, "files": files, "remove": stale}))
+    _finish_commit(target, kind.owned)  # a writer killed since we started
+    os.replace(staging, target / _COMMIT)  # the commit point
     _fsync(target)
-    _finish_commit(target)
+    _finish_commit(target, kind.owned)
 
 
 @contextmanager
@@ -370,8 +452,9 @@ def atomic_folder(save_directory: str | os.PathLike, kind: ArtifactKind, overwri
     target = check_target(save_directory, kind, overwrite)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    _warn_legacy_journal(target)
     with _locked(target):
-        _finish_commit(target)
+        _finish_commit(target, kind.owned)
         clean_leftovers(target)
     staging = target / _temp_name()
     committed = False
@@ -383,12 +466,10 @@ def atomic_folder(save_directory: str | os.PathLike, kind: ArtifactKind, overwri
             _commit(target, staging, kind)
         committed = True
     finally:
-        if _pending_staging(target) != staging.name:  # else our commit failed half-way: the next access completes it
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone once committed; else nothing of it reached the folder
         if created and not committed:
             with contextlib.suppress(OSError):  # only if still empty: a concurrent writer may have used it
                 target.rmdir()
-
 
 def save_folder(
     save_directory: str | os.PathLike,
@@ -463,7 +544,6 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, what: str = "path", **hub
     if isinstance(location, Path):
         if not location.is_dir():
             raise NotADirectoryError(f"{what} {str(location)!r} is a file; expected a folder.")
-        recover(location)
         return location
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -486,16 +566,21 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, what: str = "path", **hub
 
 def load_folder(path_or_repo_id: str | os.PathLike, what: str = "path",
                 **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of :func:`save_folder`: ``(tensors, config)``; ``what`` names the argument in errors."""
+    """Inverse of :func:`save_folder`: ``(tensors, config)``; ``what`` names the argument in errors. The folder is
+    never changed."""
     from safetensors.torch import load_file
 
+    local = isinstance(local_or_repo_id(path_or_repo_id, what), Path)
     folder = resolve_folder(path_or_repo_id, what, **hub_kwargs)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}; is it a folder written by save_pretrained?")
     with _locked(folder, shared=True) if os.access(folder, os.W_OK) else contextlib.nullcontext():
-        config = json.loads((folder / CONFIG_NAME).read_text())
-        return load_file(str(folder / WEIGHTS_NAME)), config
+        config_path, weights_path = (artifact_file(folder, name, local) for name in (CONFIG_NAME, WEIGHTS_NAME))
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, not {type(config).__name__}.")
+        return load_file(str(weights_path)), config
 
 
 # ------------------------------------------------------------------------------------------------ Hub ids of models

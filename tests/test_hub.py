@@ -35,9 +35,9 @@ def _same(loaded: MarginVector, expected: MarginVector) -> bool:
 
 def _version_on_disk(folder: Path, versions: dict[int, MarginVector]) -> int:
     """Which version the folder holds, checking that weights, config and card all belong to it."""
-    loaded = MarginVector.from_pretrained(folder)  # also completes an interrupted commit
+    loaded = MarginVector.from_pretrained(folder)  # reads an interrupted commit's files where they are
     (seed,) = [s for s, v in versions.items() if _same(loaded, v)]
-    assert f"fitted on | {seed} " in (folder / "README.md").read_text()
+    assert f"fitted on | {seed} " in hub.artifact_file(folder, "README.md").read_text()
     return seed
 
 
@@ -104,8 +104,8 @@ def test_files_and_folders_respect_the_umask(tmp_path):
 # ------------------------------------------------------------------------------------------------ full disk
 @pytest.mark.parametrize("failing_call", range(8))
 def test_a_full_disk_at_any_write_leaves_the_old_or_the_new_artifact(tmp_path, monkeypatch, failing_call):
-    """Each write and rename of a save fails with ENOSPC in turn: the 3 files, the journal, its rename (the commit
-    point), then the 3 renames into place (which the next access completes)."""
+    """Each write and rename of a save fails with ENOSPC in turn: the 3 files, the list of stale files, the rename of
+    the staging folder (the commit point), then the 3 renames into place (which the next save completes)."""
     folder = tmp_path / "vec"
     _vector(1).save_pretrained(folder)
     (folder / "keep.txt").write_text("mine")
@@ -129,7 +129,7 @@ def test_a_full_disk_at_any_write_leaves_the_old_or_the_new_artifact(tmp_path, m
     assert err.value.errno == errno.ENOSPC
     monkeypatch.undo()
     committed = failing_call >= 5
-    assert (folder / ".repalign-commit.json").exists() == committed
+    assert (folder / ".repalign-commit").exists() == committed
     assert _version_on_disk(folder, {1: _vector(1), 2: _vector(2)}) == (2 if committed else 1)
     assert (folder / "keep.txt").read_text() == "mine"
     _vector(3).save_pretrained(folder)  # the next save completes/cleans whatever was left
