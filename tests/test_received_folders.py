@@ -285,3 +285,24 @@ def test_saving_replaces_links_instead_of_writing_through_them(received):
     assert (received.parent / "mine.txt").read_text() == "mine"
     assert not (received / "config.json").is_symlink()
     assert _same(MarginVector.from_pretrained(received), _vector(2))
+
+
+# ------------------------------------------------------------------------------------------------ base signatures
+@pytest.mark.parametrize("content", ["", "{}", "[]", '{"num_hidden_layers": null}', '{"num_hidden_layers": "4"}',
+                                     '{"num_hidden_layers": 4, "hidden_size": 3.5}', "\xff"])
+def test_an_empty_or_wrong_base_signature_never_switches_the_layer_check_off(tmp_path, tokenizer, content):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_repalign.rahf.validation import check_adapter_folder
+    from hf_repalign.testing import tiny_model
+
+    four = tmp_path / "four"
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(tiny_model("llama", vocab_size=len(tokenizer), num_layers=4), lora).save_pretrained(str(four))
+    eight = tiny_model("llama", vocab_size=len(tokenizer), num_layers=8)
+    (four / "hf_repalign_base.json").write_text(content)
+    with pytest.raises(ValueError, match=r"hf_repalign_base.json is not a base signature .* delete the file"):
+        check_adapter_folder(four, eight)
+    (four / "hf_repalign_base.json").unlink()  # the fix the message names: the layer check then refuses
+    with pytest.raises(ValueError, match="4-layer base; this base has 8 layers"):
+        check_adapter_folder(four, eight)

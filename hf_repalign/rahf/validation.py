@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,6 +68,23 @@ def write_signature(folder: str | Path, model: nn.Module, **extra: Any) -> None:
     (Path(folder) / SIGNATURE_FILE).write_text(json.dumps({**base_signature(model), **extra}, indent=1) + "\n")
 
 
+def read_signature(path: Path) -> dict[str, Any]:
+    """A signature file as :func:`write_signature` writes it, else an error naming the file (an empty or damaged one
+    must not switch the check off)."""
+    try:
+        recorded = None if path.is_symlink() else json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    counts = ("num_hidden_layers", "hidden_size", "vocab_size")
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("base_model", ""), str)
+            and all(type(recorded.get(key)) is int for key in counts[:1])
+            and all(recorded.get(key) is None or type(recorded[key]) is int for key in counts[1:])):
+        raise ValueError(f"{path} is not a base signature written by hf_repalign (a JSON object with integer "
+                         f"{', '.join(counts)}); save the adapter again, or delete the file to check the adapter by "
+                         "its layer indices.")
+    return recorded
+
+
 def check_signature(recorded: dict[str, Any] | None, model: nn.Module, what: str) -> None:
     """Refuse ``what`` when its recorded base differs in depth, width or vocabulary; warn when only the id differs
     (the same weights are often saved under different paths)."""
@@ -87,8 +105,8 @@ def check_adapter_folder(path: Path, model: nn.Module) -> None:
     """An adapter folder against the base it is loaded onto: the recorded signature when there is one, else its
     layer indices (an adapter on all layers of a 4-layer model has no weights for layers 4..7 of an 8-layer one)."""
     signature = path / SIGNATURE_FILE
-    if signature.is_file():
-        check_signature(json.loads(signature.read_text()), model, f"adapter {path}")
+    if os.path.lexists(signature):
+        check_signature(read_signature(signature), model, f"adapter {path}")
         return
     config = json.loads((path / "adapter_config.json").read_text())
     weights = path / "adapter_model.safetensors"
