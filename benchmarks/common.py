@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hf_repalign.hub import atomic_write_text
+from hf_repalign.artifacts import atomic_write_text
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):

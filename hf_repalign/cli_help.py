@@ -195,7 +195,7 @@ def print_help(name: str, live: Callable[[], tuple[argparse.ArgumentParser, type
             return
     parser, args_class = live()
     parser.print_help()
-    from .hub import atomic_write_text
+    from .artifacts import atomic_write_text
 
     try:
         atomic_write_text(user_cache(name), json.dumps(entry(parser, args_class)))

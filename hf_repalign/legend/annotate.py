@@ -40,7 +40,7 @@ from transformers.utils import logging
 
 from ..text_files import read_jsonl
 from ..formats import PreferenceFormatError, to_triplet
-from ..hub import atomic_write_text
+from ..artifacts import atomic_write_text
 from .binning import equal_frequency_bins
 from .embedding import EMBEDDING_VERSION, response_length
 from .margin import margin_raw

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..cli import DType, UsageError
-from ..hub import check_output_file, check_target, check_writable, local_or_repo_id, refuse_inputs
+from ..artifacts import check_target
+from ..hub import local_or_repo_id
+from ..outputs import check_output_file, check_writable, refuse_inputs
 from ..text_files import read_csv, read_jsonl, read_lines
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS, POOLINGS
 

@@ -30,8 +30,9 @@ from transformers.utils import logging
 
 from ..formats import Prompt, Template, check_template, normalize_prompt, prompt_prefix, to_triplet
 from ..hidden import num_hidden_layers, resolve_layers
-from ..hub import (ArtifactKind, base_model_fields, base_model_id, check_target, config_has, load_folder,
-                   push_folder, render_card, require_base_model, save_folder)
+from ..artifacts import ArtifactKind, check_target, config_has, save_folder
+from ..cards import base_model_fields, render_card
+from ..hub import base_model_id, load_folder, push_folder, require_base_model
 from .embedding import EMBEDDING_VERSION, check_pooling, embed_pairs, encode_triplets
 from .margin import margin_direction
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS  # noqa: F401  (FIT_PRESETS re-exported)

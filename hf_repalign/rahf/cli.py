@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import UsageError
-from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, atomic_folder, check_target, check_writable,
-                   hub_offline, local_or_repo_id, refuse_inputs)
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder, check_target
+from ..hub import HubAccessError, hub_offline, local_or_repo_id
+from ..outputs import check_writable, refuse_inputs
 from .dual_config import DualConfig
 from .rahf_config import RAHFConfig
 from .scit_config import SCITConfig

@@ -24,7 +24,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..formats import encode_pair, to_triplet
-from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from .dual_config import DualConfig
 from .instructions import instructed_template
 from .scit import seed_before_init

@@ -4,7 +4,7 @@ in memory beside the model being trained.
 Each example's vectors are stored at its valid response positions only, as ``(n_layers, r, H)`` under the key
 ``str(example_index)``; ``targets.json`` maps keys to shards and records the layers and the base model (id, depth,
 width, vocabulary), which a trainer using the folder checks against its own base. The folder is written
-atomically with ``hub.atomic_folder``: an interrupted precompute leaves the previous targets or none, never a
+atomically with ``artifacts.atomic_folder``: an interrupted precompute leaves the previous targets or none, never a
 partial set, and other files in the folder are kept.
 
 Example:
@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..hub import ArtifactKind, atomic_folder
+from ..artifacts import ArtifactKind, atomic_folder
 from .validation import SIGNATURE_FILE, check_signature
 
 INDEX_NAME = "targets.json"

@@ -37,8 +37,9 @@ from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
 from ..hidden import num_hidden_layers
-from ..hub import (PEFT_ADAPTER, atomic_folder, base_model_fields, base_model_id, is_repo_id, push_folder,
-                   render_card, require_base_model)
+from ..artifacts import PEFT_ADAPTER, atomic_folder
+from ..cards import base_model_fields, render_card
+from ..hub import base_model_id, is_repo_id, push_folder, require_base_model
 from .instructions import instructed_template
 from .patterns import (
     AdapterSwitch,

@@ -9,7 +9,7 @@ Under gradient accumulation the Trainer counts the items of all micro-batches of
 gradient equals the one of the whole batch at once. Without a count (evaluation, older transformers) the loss is the
 micro-batch mean and the Trainer divides it by the accumulation steps.
 
-Saving: the final model is written with ``hub.atomic_folder`` (other files in the folder are kept, the training
+Saving: the final model is written with ``artifacts.atomic_folder`` (other files in the folder are kept, the training
 arguments as JSON instead of a pickle), and each checkpoint is built under a hidden name and renamed into place once
 complete, so ``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 
 
 def targets_embeddings(peft_config) -> bool:
