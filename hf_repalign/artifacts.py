@@ -358,6 +358,17 @@ def _is_our_card(path: Path) -> bool:
     return TAG in (metadata.get("tags") or [])
 
 
+def check_not_under_a_file(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse a path that cannot be created because one of its parents is a file (``notes.txt/out``)."""
+    path = Path(path).expanduser().absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what}: {parent} is a file, so {path} cannot be created under it; give "
+                                         "a path inside a folder.")
+            return
+
+
 def check_target(save_directory: str | os.PathLike, kind: ArtifactKind, overwrite: bool = False) -> Path:
     """Refuse, before any work, a target that is a file or a folder holding something other than a ``kind``.
 
@@ -368,6 +379,7 @@ def check_target(save_directory: str | os.PathLike, kind: ArtifactKind, overwrit
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ArtifactConflictError(f"{target} is a file; a {kind.name} is saved as a folder. Give a folder path.")
+    check_not_under_a_file(target, kind.name)
     if overwrite or not target.is_dir() or kind.marker(target):
         return target
     clash = []

@@ -13,9 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .artifacts import check_not_under_a_file
+
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:
-    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be written."""
+    """Refuse, before any work, an output under a file, or whose folder (or nearest existing parent) cannot be
+    written."""
+    check_not_under_a_file(path, what)
     probe = Path(path).expanduser().absolute()
     while not probe.exists():
         probe = probe.parent

@@ -196,3 +196,16 @@ def test_concurrent_saves_to_one_folder_end_with_one_complete_artifact(tmp_path)
     assert [child.wait(timeout=300) for child in children] == [0, 0]
     _version_on_disk(folder, {s: _vector(s, 4096) for s in (1, 2)})
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_an_output_under_a_file_is_refused_naming_the_file(tmp_path):
+    from hf_repalign.outputs import check_output_file
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for output in (notes / "out", notes / "deeper" / "out"):
+        with pytest.raises(NotADirectoryError, match=f"{notes} is a file, so .* cannot be created under it"):
+            _vector(1).save_pretrained(output)
+        with pytest.raises(NotADirectoryError, match=f"--output: {notes} is a file"):
+            check_output_file(output.with_suffix(".jsonl"), (".jsonl",), "--output")
+    assert notes.read_text() == "mine"
