@@ -136,6 +136,8 @@ def _apply_config(leaf, argv: list[str]) -> list[str]:
     """Make a ``--config`` YAML supply defaults (TRL's ``set_defaults_with_config``); returns argv without it."""
     import yaml
 
+    from .text_files import TextFileError, read_text
+
     if "--config" not in argv:
         return argv
     at = argv.index("--config")
@@ -146,7 +148,9 @@ def _apply_config(leaf, argv: list[str]) -> list[str]:
     if not path.is_file():
         raise UsageError(f"--config: {path} does not exist.")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(read_text(path, "--config"))
+    except TextFileError as err:
+        raise UsageError(str(err)) from None
     except yaml.YAMLError as err:
         raise UsageError(f"--config: {path} is not valid YAML: {one_line(err)}") from None
     if not isinstance(values, dict):

@@ -70,8 +70,26 @@ def _parse_json(text: str, where: str) -> Any:
 
 def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
     """JSON lines; every non-blank line must be one JSON object (the error names the file and line)."""
+    return _jsonl_rows(read_text(path, what), path, what)
+
+
+def read_rows(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """Rows of a JSON list of objects (``[{...}, ...]``) or of JSON lines, whatever the suffix (as
+    ``datasets.load_dataset("json")`` reads them); the error names the file and the line or row."""
+    text = read_text(path, what)
+    if not text.lstrip().startswith("["):
+        return _jsonl_rows(text, path, what)
+    rows = _parse_json(text, f"{what} {os.fspath(path)}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TextFileError(f"{what} {os.fspath(path)}, row {index}: expected a JSON object ({{...}}), got "
+                                f"{type(row).__name__}.")
+    return rows
+
+
+def _jsonl_rows(text: str, path: str | os.PathLike, what: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{what} {os.fspath(path)}, line {number}"

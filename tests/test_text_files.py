@@ -48,3 +48,44 @@ def test_json_document_and_plain_text(tmp_path):
     path.write_text('[{"q": 1}]')
     assert read_json(path) == [{"q": 1}]
     assert read_text(path) == '[{"q": 1}]'
+
+
+def test_rows_of_a_json_list_or_of_json_lines(tmp_path):
+    from hf_repalign.text_files import read_rows
+
+    (tmp_path / "list.json").write_bytes(b'\xef\xbb\xbf[{"a": 1}, {"a": 2, "b": "x"}]')
+    (tmp_path / "lines.json").write_text('{"a": 1}\n{"a": 2}\n')
+    assert read_rows(tmp_path / "list.json") == [{"a": 1}, {"a": 2, "b": "x"}]
+    assert read_rows(tmp_path / "lines.json") == [{"a": 1}, {"a": 2}]
+    (tmp_path / "bad.json").write_text('[{"a": 1}, [2]]')
+    with pytest.raises(TextFileError, match=r"--dataset .*bad\.json, row 1: expected a JSON object"):
+        read_rows(tmp_path / "bad.json", "--dataset")
+
+
+def test_the_cli_config_and_the_rahf_and_annotate_datasets_read_through_here(tmp_path, capsys):
+    """Entry points that read users' files themselves: ``--config`` YAML, ``repalign rahf --dataset`` files and
+    ``annotate``'s ``.json`` datasets. Each accepts a BOM and names the file and line of a bad byte."""
+    from hf_repalign import cli
+    from hf_repalign.legend.annotate import _read_file
+    from hf_repalign.rahf.cli import load_rows
+
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"alpha: 1\nbeta: caf\xe9\n")
+    assert cli.main(["legend", "annotate", "--config", str(config)]) == 2
+    assert f"--config {config}, line 2: byte 0xe9 is not valid UTF-8" in capsys.readouterr().err
+
+    rows = tmp_path / "prefs.jsonl"
+    rows.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "q"}\n')
+    dataset = load_rows(str(rows))
+    assert dataset["prompt"] == ["p", "q"] and dataset["chosen"] == ["c", None]
+    rows.write_bytes(b'{"prompt": "p"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(TextFileError, match=r"--dataset .*prefs\.jsonl, line 2: byte 0xff"):
+        load_rows(str(rows))
+
+    listed = tmp_path / "prefs.json"
+    listed.write_bytes(b'\xef\xbb\xbf[{"prompt": "p", "chosen": "c", "rejected": "r"}]')
+    assert load_rows(str(listed))["chosen"] == ["c"]
+    assert _read_file(listed) == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    listed.write_bytes(b'[{"prompt": "\\ud800"}]')
+    with pytest.raises(TextFileError, match="lone surrogate"):
+        _read_file(listed)

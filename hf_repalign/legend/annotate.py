@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import inspect
 import json
@@ -38,7 +37,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..text_files import read_jsonl
+from ..text_files import read_json, read_jsonl
 from ..formats import PreferenceFormatError, to_triplet
 from ..artifacts import atomic_write_text
 from .binning import equal_frequency_bins
@@ -161,9 +160,7 @@ def _read_file(path: Path):
     if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         raise ValueError(f"`dataset`: unsupported file {path}; use .jsonl, .json, .parquet or .jsonl.gz.")
     if name.endswith((".json", ".json.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            return json.load(handle)
+        return read_json(path)
     return read_jsonl(path)
 
 

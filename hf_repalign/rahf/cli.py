@@ -20,6 +20,7 @@ from ..cli import UsageError
 from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder, check_target
 from ..hub import HubAccessError, hub_offline, local_or_repo_id
 from ..outputs import check_writable, refuse_inputs
+from ..text_files import read_rows
 from .dual_config import DualConfig
 from .rahf_config import RAHFConfig
 from .scit_config import SCITConfig
@@ -78,11 +79,13 @@ def check_dataset(path: str | None, split: str = "train") -> Path | str:
 
 def load_rows(path: str | None, split: str = "train", max_rows: int | None = None):
     """A preference dataset from a local file or folder, or the Hub."""
-    from datasets import load_dataset
+    from datasets import Dataset, load_dataset
 
     location = check_dataset(path, split)
-    if isinstance(location, Path) and location.is_file():
-        dataset = load_dataset("json", data_files=str(location), split="train")
+    if isinstance(location, Path) and location.is_file():  # read here: bad bytes are named by file and line
+        rows = read_rows(location, "--dataset")
+        dataset = Dataset.from_dict({key: [row.get(key) for row in rows]
+                                     for key in dict.fromkeys(key for row in rows for key in row)})
     elif isinstance(location, Path) or not hub_offline():
         dataset = load_dataset(str(location), split=split)
     else:
