@@ -306,3 +306,46 @@ def test_an_empty_or_wrong_base_signature_never_switches_the_layer_check_off(tmp
     (four / "hf_repalign_base.json").unlink()  # the fix the message names: the layer check then refuses
     with pytest.raises(ValueError, match="4-layer base; this base has 8 layers"):
         check_adapter_folder(four, eight)
+
+
+# ------------------------------------------------------------------------------------------------ resumable parts
+@pytest.mark.parametrize("manifest", ["[1]", "{", '"run"', "{}"])
+def test_a_damaged_annotate_manifest_is_a_different_run_with_the_fix(tmp_path, manifest):
+    from types import SimpleNamespace
+
+    from hf_repalign.legend.annotate import _prepare_parts
+
+    parts = tmp_path / ".out.jsonl.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text(manifest)
+    state = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(ValueError, match=r"come from a different run .* rerun with resume=False"):
+        _prepare_parts(parts, {"run": "abc", "rows": 3}, True, state)
+
+
+def test_annotate_parts_that_are_a_link_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_repalign.legend.annotate import _prepare_parts
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    parts = tmp_path / "out" / ".out.jsonl.parts"
+    parts.parent.mkdir()
+    parts.symlink_to(elsewhere)
+    state = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    for resume in (True, False):
+        with pytest.raises(ValueError, match="is a link; delete it and rerun"):
+            _prepare_parts(parts, {"run": "abc"}, resume, state)
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("index", ["", "[]", '{"layers": [1], "weight_map": {"0": "../../mine.safetensors"}}',
+                                   '{"layers": [1], "weight_map": {"0": "/etc/passwd"}}', '{"layers": 1}'])
+def test_precomputed_targets_name_only_their_own_shards(tmp_path, index):
+    from hf_repalign.rahf.store import TargetStore
+
+    (tmp_path / "targets.json").write_text(index)
+    with pytest.raises(ValueError, match=r"targets.json is not an index written by precompute_targets\(\)"):
+        TargetStore(tmp_path)

@@ -318,10 +318,16 @@ def _stable_repr(value: Any) -> str:
 
 def _prepare_parts(parts: Path, fingerprint: dict, resume: bool, state: PartialState) -> None:
     manifest = parts / "manifest.json"
+    if parts.is_symlink():  # a run's checkpoints are written only into a folder of its own
+        raise ValueError(f"{parts} is a link; delete it and rerun (the checkpoints are kept in a folder there).")
     if state.is_main_process:
         if parts.is_dir() and resume and manifest.is_file():
-            found = json.loads(manifest.read_text())
+            try:
+                found = json.loads(manifest.read_text(encoding="utf-8"))
+            except ValueError:  # damaged: reported as a different run, with the fix
+                found = None
             if found != fingerprint:
+                found = found if isinstance(found, dict) else {}
                 changed = sorted(k for k in fingerprint if k != "run" and found.get(k) != fingerprint[k])
                 raise ValueError(
                     f"resume=True but the checkpoints in {parts} come from a different run (differs in {changed}); "

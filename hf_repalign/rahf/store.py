@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..artifacts import ArtifactKind, atomic_folder
 from .validation import SIGNATURE_FILE, check_signature
 
 INDEX_NAME = "targets.json"
+_SHARD = re.compile(r"targets-\d{5}\.safetensors")
 TARGETS = ArtifactKind("RAHF precomputed targets", (INDEX_NAME, "targets-*.safetensors", SIGNATURE_FILE),
                        lambda folder: (folder / INDEX_NAME).is_file())
 
@@ -69,7 +71,16 @@ class TargetStore:
         self.directory = Path(directory)
         if not (self.directory / INDEX_NAME).is_file():
             raise FileNotFoundError(f"{self.directory} has no {INDEX_NAME}; write it with precompute_targets().")
-        index = json.loads((self.directory / INDEX_NAME).read_text())
+        try:
+            index = json.loads((self.directory / INDEX_NAME).read_text(encoding="utf-8"))
+        except ValueError:
+            index = None
+        # The shard names are read from the folder: only ours, so none can point outside it.
+        if not (isinstance(index, dict) and isinstance(index.get("layers"), list)
+                and isinstance(index.get("weight_map"), dict)
+                and all(isinstance(v, str) and _SHARD.fullmatch(v) for v in index["weight_map"].values())):
+            raise ValueError(f"{self.directory / INDEX_NAME} is not an index written by precompute_targets(); write "
+                             "the targets again with precompute_targets().")
         self.layers: list[int] = index["layers"]
         self.base: dict[str, Any] | None = index.get("base")
         self.weight_map: dict[str, str] = index["weight_map"]
