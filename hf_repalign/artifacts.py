@@ -404,9 +404,10 @@ def _commit(target: Path, staging: Path, kind: ArtifactKind) -> None:
     """Under the folder lock: name the stale files, then rename ``staging`` to the commit folder (the commit point)
     and move its files into place."""
     files = sorted(p.name for p in staging.iterdir())
-    bad = [n for n in files if not (staging / n).is_file() or (staging / n).is_symlink() or not _PLAIN_NAME.fullmatch(n)]
-    if bad:
-        raise ValueError(f"an artifact is a flat folder of plain files; the save wrote {bad}.")
+    bad = [n for n in files if not (staging / n).is_file() or (staging / n).is_symlink()
+           or not _PLAIN_NAME.fullmatch(n) or not kind.owned(n)]
+    if bad:  # a commit holds only what completing it may move in
+        raise ValueError(f"a {kind.name} is a flat folder of the plain files it owns; the save wrote {bad}.")
     stale = [p.name for p in target.iterdir() if p.is_file() and kind.owned(p.name) and p.name not in files
              and _PLAIN_NAME.fullmatch(p.name) and not (p.name == CARD_NAME and not _is_our_card(p))]
     for name in files:
