@@ -53,7 +53,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 TAG = "hf_repalign"  # every card we write carries this tag; a README.md without it is the user's
 
-_PREFIX = ".repalign-"  # our temp files and staging folders: ".repalign-<host>-<pid>-<random>..."
+HIDDEN_PREFIX = ".repalign-"  # our temp files and staging folders: ".repalign-<host>-<pid>-<random>..."
 _COMMIT = ".repalign-commit"  # a staging folder renamed to this name is committed; moving its files in completes it
 _STALE = ".stale"  # in a commit folder: names of the old files the commit removes, one a line
 _LEGACY_JOURNAL = ".repalign-commit.json"  # older versions' commit journal: never read
@@ -127,7 +127,7 @@ _TEMP_RE = re.compile(r"^\.repalign-([0-9a-f]{8})-(\d+)-[0-9a-f]{12}")
 
 def _temp_name(stem: str = "") -> str:
     """A unique hidden name that says who made it, so leftovers of dead writers can be told from live ones."""
-    return f"{_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{stem}"
+    return f"{HIDDEN_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{stem}"
 
 
 def _writer_is_dead(name: str) -> bool:
@@ -157,7 +157,7 @@ def clean_leftovers(folder: str | os.PathLike) -> list[str]:
     removed = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in folder.iterdir():
-            if entry.name.startswith(_PREFIX) and _writer_is_dead(entry.name):
+            if entry.name.startswith(HIDDEN_PREFIX) and _writer_is_dead(entry.name):
                 _remove(entry)
                 removed.append(entry.name)
     return removed
@@ -321,11 +321,11 @@ def artifact_file(folder: str | os.PathLike, name: str, local: bool = True) -> P
     """
     folder = Path(folder)
     _warn_legacy_journal(folder)
-    pending = _pending_commit(folder, _any_kind_owns)
-    path = folder / _COMMIT / name if pending is not None and name in pending[0] else folder / name
+    files, stale = _pending_commit(folder, _any_kind_owns) or ([], [])
+    path = folder / _COMMIT / name if name in files else folder / name
     if local and path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
         raise ValueError(f"{path} is a link to {path.resolve()}, outside the folder; copy the file into the folder.")
-    if not path.is_file():
+    if not path.is_file() or name in stale:
         raise FileNotFoundError(f"{folder} has no {name}; is it a folder written by save_pretrained?")
     return path
 
@@ -338,6 +338,7 @@ def recover(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     with _locked(folder):
         return _finish_commit(folder, _any_kind_owns)
+
 
 # ------------------------------------------------------------------------------------------------ saving
 def _is_our_card(path: Path) -> bool:
@@ -384,7 +385,7 @@ def check_target(save_directory: str | os.PathLike, kind: ArtifactKind, overwrit
         return target
     clash = []
     for entry in sorted(target.iterdir()):
-        if not entry.is_file() or entry.name.startswith(_PREFIX):
+        if not entry.is_file() or entry.name.startswith(HIDDEN_PREFIX):
             continue
         if entry.name == CARD_NAME:
             if not _is_our_card(entry):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import _PREFIX, CONFIG_NAME, read_folder
+from .artifacts import CONFIG_NAME, HIDDEN_PREFIX, read_folder
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,6 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
 
 
 def embedded_model_cache_dir() -> Path:
@@ -116,7 +115,6 @@ def load_folder(path_or_repo_id: str | os.PathLike, what: str = "path",
 
 
 # ------------------------------------------------------------------------------------------------ Hub ids of models
-
 def base_model_id(model_or_path: Any) -> str | None:
     """The Hub id of a model (an ``nn.Module``/config holder, or its path/name), or ``None`` if none is known.
 
@@ -175,5 +173,5 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                             ignore_patterns=[f"{_PREFIX}*", "*.bin", "*.pt", "*.pth", "*.pkl"])
+                             ignore_patterns=[f"{HIDDEN_PREFIX}*", "*.bin", "*.pt", "*.pth", "*.pkl"])
     return str(info)
