@@ -349,3 +349,25 @@ def test_precomputed_targets_name_only_their_own_shards(tmp_path, index):
     (tmp_path / "targets.json").write_text(index)
     with pytest.raises(ValueError, match=r"targets.json is not an index written by precompute_targets\(\)"):
         TargetStore(tmp_path)
+
+
+def test_the_annotate_command_on_a_received_vector_leaves_the_folder_around_it_alone(received, tmp_path, tokenizer,
+                                                                                     caplog):
+    """The reported case: ``{"staging": ".."}`` beside a vector emptied the folder holding it at the first
+    ``repalign legend annotate --vector``."""
+    from hf_repalign import cli
+    from hf_repalign.testing import tiny_model
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(tokenizer), hidden_size=16).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                            for i in range(3)))
+    _write_legacy(received, _staging_up(received))
+    around, artifact = _tree(received.parent, skip=received), _artifact(received)
+    with caplog.at_level(logging.WARNING):
+        code = cli.main(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--vector",
+                         str(received), "--output", str(tmp_path / "out.jsonl"), "--num_bins", "0"])
+    assert _tree(received.parent, skip=received) == around and _artifact(received) == artifact
+    assert code == 0 and (tmp_path / "out.jsonl").is_file()
