@@ -274,8 +274,35 @@ def test_error_vocab_mismatch(llama, tokenizer):
     plain, principle = _inputs(tokenizer)
     bigger = tiny_model("llama", vocab_size=len(tokenizer) + 7)
     proc = LinearAlignmentProcessor(bigger, principle["input_ids"], principle["attention_mask"])
-    with pytest.raises(ValueError, match="vocab-size mismatch"):
+    with pytest.raises(ValueError, match="built on another model"):
         _generate(llama, plain, proc, "processor", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("path", ["processor", "paired"])
+def test_error_processor_built_on_another_model_with_the_same_vocabulary(llama, tokenizer, path):
+    plain, principle = _inputs(tokenizer)
+    twin = tiny_model("llama", vocab_size=len(tokenizer), seed=1)
+    proc = LinearAlignmentProcessor(twin, principle["input_ids"], principle["attention_mask"])
+    with pytest.raises(ValueError, match="built on another model"):
+        _generate(llama, plain, proc, path, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("path", ["processor", "paired"])
+def test_huge_alpha_refused_instead_of_garbage_tokens(llama, tokenizer, path):
+    plain, principle = _inputs(tokenizer)
+    proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=1e300)
+    with pytest.raises(ValueError, match="alpha.*overflow"):
+        _generate(llama, plain, proc, path, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("conversation", [
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"role": "system", "content": "x"}, {"content": "hi"}],
+])
+def test_message_without_content_refused(tokenizer, conversation):
+    with pytest.raises(ValueError, match="conversation 1, message"):
+        build_principle_inputs(tokenizer, [[{"role": "user", "content": "ok"}], conversation], "Be kind.")
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "2"])

@@ -14,6 +14,7 @@ _EXPORTS = {
     "default_system_prompt": "principles",
     "paired_generate": "paired",
     "personal_preference_principle": "principles",
+    "principle_inputs_for": "principles",
     "with_principle": "principles",
 }
 __all__ = sorted(_EXPORTS)

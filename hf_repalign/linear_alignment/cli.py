@@ -106,7 +106,7 @@ def run(args: GenerateArguments) -> int:
         if args.do_sample:
             gen.update(temperature=AUTHORS_PRESET["principle_temperature"], top_p=1.0, top_k=0)
     proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
-                                    normalize=args.normalize, **mask)
+                                    normalize=args.normalize, check_prompts=args.system_mode == "append", **mask)
     runs = [
         ("plain", plain, {}),
         ("principle prompt", principle, {}),
