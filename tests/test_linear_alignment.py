@@ -352,7 +352,8 @@ def test_paired_generate_runs_one_forward_of_2b_rows_per_step(llama, tokenizer):
     calls = []
     handle = llama.model.register_forward_hook(lambda module, args, out: calls.append(out.last_hidden_state.shape[0]))
     try:
-        for path, expected in (("paired", [6] * 5), ("processor", [3, 3] * 5)):
+        # paired: the prompts of each branch on their own (no padding to the longer branch), then 2B rows a step.
+        for path, expected in (("paired", [3, 3] + [6] * 4), ("processor", [3, 3] * 5)):
             calls.clear()
             proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"])
             _generate(llama, plain, proc, path, max_new_tokens=5, min_new_tokens=5, do_sample=False)

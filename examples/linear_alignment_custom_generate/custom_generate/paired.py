@@ -91,6 +91,28 @@ def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -
     return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
 
 
+def _prefill(model, branches, length: int):
+    """The first step, each branch on its own, then one cache for all rows (each branch's keys and values
+    left-padded to ``length``): no work on the padding that would line a short branch up with a long one.
+
+    Returns (logits, cache), or (None, None) when the cache layers are not ``DynamicLayer`` (the caller then runs
+    all rows together).
+    """
+    logits, caches = [], []
+    for ids, mask in branches:
+        branch_logits, branch_cache = cached_step(model, ids, mask, None)
+        if not all(type(layer) is DynamicLayer for layer in branch_cache.layers):
+            return None, None
+        logits.append(branch_logits)
+        caches.append(branch_cache)
+    merged = caches[0]
+    for index, layer in enumerate(merged.layers):
+        parts = [cache.layers[index] for cache in caches]
+        layer.keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
+        layer.values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])
+    return torch.cat(logits), merged
+
+
 def _plain_rows_cache(cache, rows: int, extra: int):
     """The plain rows of the 2B-row cache without the left padding added to match the principle rows, so it
     continues ``sequences`` like the cache ``_sample`` returns; None for cache layers other than ``DynamicLayer``."""
@@ -181,7 +203,12 @@ def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generati
         while True:
             check_context(model, mask[:rows], "plain")
             check_context(model, mask[rows:], "principle")
-            logits, cache = cached_step(model, step_ids, mask, cache)
+            if cache is None:
+                logits, cache = _prefill(model, branches, length)
+                if cache is None:
+                    logits, cache = cached_step(model, step_ids, mask, None)
+            else:
+                logits, cache = cached_step(model, step_ids, mask, cache)
             plain_logits, *principle_logits = logits.split(rows)
             # The aligned scores are the model's scores: every processor, including those generate runs before
             # user processors, acts on them. The processor's own call then only applies its plausibility mask.
