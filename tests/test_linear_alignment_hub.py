@@ -125,8 +125,8 @@ def exported(tmp_path_factory):
     greedy = torch.tensor(_reference(model, one_plain, one_principle, 1.5, {"do_sample": False}))
     start = one_plain["input_ids"].shape[1]
     # The first generated token (after the first) that decodes to one printable ASCII character.
-    stop_at = next(i for i in range(start + 1, greedy.shape[1])
-                   if tokenizer.decode(greedy[0, i:i + 1]).isascii() and tokenizer.decode(greedy[0, i:i + 1]).isprintable())
+    texts = {i: tokenizer.decode(greedy[0, i:i + 1]) for i in range(start + 1, greedy.shape[1])}
+    stop_at = next(i for i, text in texts.items() if text.isascii() and text.isprintable())
     stop = tokenizer.decode(greedy[0, stop_at:stop_at + 1])
     stop_case = dict(do_sample=False, stop_strings=[stop])
     jobs["stop_strings"] = {
