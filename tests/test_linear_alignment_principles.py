@@ -154,3 +154,26 @@ def test_several_principles_refused_where_unsupported(llama, tokenizer):
     proc = LinearAlignmentProcessor(llama, [ids, ids], [mask, mask])
     with pytest.raises(ValueError, match="only with custom_generate=paired_generate"):
         llama.generate(**plain, logits_processor=[proc], max_new_tokens=2, pad_token_id=0)
+
+
+def test_first_step_reuses_the_tokens_before_the_principle(llama):
+    """One unpadded prompt: the principle branch starts from the plain branch's keys and values of the shared
+    system text and runs only the rest; same tokens and scores as the uncached reference."""
+    tokenizer = _tokenizer("default-system")
+    plain, principle = build_principle_inputs(tokenizer, ["How do I bake bread?"], PRINCIPLE)
+    lengths = []
+    handle = llama.model.register_forward_hook(lambda module, args, out: lengths.append(out.last_hidden_state.shape))
+    try:
+        proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=1.5)
+        out = llama.generate(**plain, logits_processor=[proc], custom_generate=paired_generate, max_new_tokens=6,
+                             do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    finally:
+        handle.remove()
+    shared = int((plain["input_ids"][0] == principle["input_ids"][0, :plain["input_ids"].shape[1]]).long()
+                 .cumprod(0).sum())
+    assert shared > 10
+    assert lengths[0][1] == plain["input_ids"].shape[1]
+    assert lengths[1][1] == principle["input_ids"].shape[1] - shared
+    tokens, scores = _naive_several(llama, plain, [principle], [1.5], 6)
+    assert torch.equal(out.sequences[:, plain["input_ids"].shape[1]:], tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1), scores, atol=1e-4, rtol=1e-4)

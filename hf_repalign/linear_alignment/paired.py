@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 
@@ -98,8 +99,15 @@ def _prefill(model, branches, length: int):
     all rows together).
     """
     logits, caches = [], []
-    for ids, mask in branches:
-        branch_logits, branch_cache = cached_step(model, ids, mask, None)
+    for index, (ids, mask) in enumerate(branches):
+        shared = _shared_prefix(branches[0], (ids, mask)) if index else 0
+        if shared:  # the tokens before the principle: their keys and values are the plain branch's
+            start = copy.deepcopy(caches[0])
+            for layer in start.layers:
+                layer.keys, layer.values = layer.keys[..., :shared, :], layer.values[..., :shared, :]
+            branch_logits, branch_cache = cached_step(model, ids[:, shared:], mask, start)
+        else:
+            branch_logits, branch_cache = cached_step(model, ids, mask, None)
         if not all(type(layer) is DynamicLayer for layer in branch_cache.layers):
             return None, None
         logits.append(branch_logits)
@@ -110,6 +118,17 @@ def _prefill(model, branches, length: int):
         layer.keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
         layer.values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])
     return torch.cat(logits), merged
+
+
+def _shared_prefix(plain: tuple[torch.Tensor, torch.Tensor], branch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """How many leading tokens every row of ``branch`` shares with its plain row (0 when either is padded: the
+    positions would not line up), leaving at least one token of each to run."""
+    (plain_ids, plain_mask), (ids, mask) = plain, branch
+    if not (bool(plain_mask.all()) and bool(mask.all())):
+        return 0
+    n = min(plain_ids.shape[1], ids.shape[1]) - 1
+    same = (plain_ids[:, :n] == ids[:, :n]).all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
 
 
 def _plain_rows_cache(cache, rows: int, extra: int):
