@@ -7,6 +7,8 @@ GPU:  python benchmarks/la_throughput.py --model llama7b-random --device cuda --
 Every run generates exactly ``--new-tokens`` tokens per row (min_new_tokens = max_new_tokens), greedy, from random
 prompts: the plain prompt has ``--prompt-len`` tokens, the principle-conditioned one ``prompt-len + principle-len``.
 CFG gets the principle prompt as its ``negative_prompt_ids``, so both guided methods read the same contexts.
+Throughput is from wall time; the last column is the paired/plain ratio of this process's CPU seconds, steadier when
+other jobs share the CPU.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def bench(model, batch: int, prompt_len: int, principle_len: int, new_tokens: in
         "la_paired": processor(custom_generate=paired_generate),
     }
     with torch.inference_mode():
-        seconds = time_interleaved(runs, repeats, device)
-    return {name: batch * new_tokens / s for name, s in seconds.items()}
+        wall, cpu = time_interleaved(runs, repeats, device, with_cpu_time=True)
+    # CPU seconds of this process: steadier than wall time on a shared machine (on a GPU, use wall time).
+    return {name: batch * new_tokens / s for name, s in wall.items()}, {name: cpu["plain"] / cpu[name] for name in cpu}
 
 
 def main() -> None:
@@ -67,15 +70,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, prompt {args.prompt_len}, "
           f"principle +{args.principle_len}, new tokens {args.new_tokens}, median of {args.repeats}")
     header = f"{'model':<16}{'batch':>6}{'plain tok/s':>13}{'HF CFG':>10}{'LA proc':>10}{'LA paired':>11}" \
-             f"{'CFG/plain':>11}{'proc/plain':>11}{'paired/plain':>13}{'paired/CFG':>12}"
+             f"{'CFG/plain':>11}{'proc/plain':>11}{'paired/plain':>13}{'paired/CFG':>12}{'paired/plain CPU s':>19}"
     print(header)
     for name in args.model:
         model = build_model(name, args.device, parse_dtype(args.dtype))
         for batch in args.batch:
-            r = bench(model, batch, args.prompt_len, args.principle_len, args.new_tokens, args.repeats, args.device)
+            r, cpu = bench(model, batch, args.prompt_len, args.principle_len, args.new_tokens, args.repeats,
+                           args.device)
             print(f"{name:<16}{batch:>6}{r['plain']:>13.1f}{r['hf_cfg']:>10.1f}{r['la_processor']:>10.1f}"
                   f"{r['la_paired']:>11.1f}{r['hf_cfg'] / r['plain']:>11.2f}{r['la_processor'] / r['plain']:>11.2f}"
-                  f"{r['la_paired'] / r['plain']:>13.2f}{r['la_paired'] / r['hf_cfg']:>12.2f}", flush=True)
+                  f"{r['la_paired'] / r['plain']:>13.2f}{r['la_paired'] / r['hf_cfg']:>12.2f}{cpu['la_paired']:>19.2f}",
+                  flush=True)
         del model
 
 

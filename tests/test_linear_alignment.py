@@ -274,8 +274,35 @@ def test_error_vocab_mismatch(llama, tokenizer):
     plain, principle = _inputs(tokenizer)
     bigger = tiny_model("llama", vocab_size=len(tokenizer) + 7)
     proc = LinearAlignmentProcessor(bigger, principle["input_ids"], principle["attention_mask"])
-    with pytest.raises(ValueError, match="vocab-size mismatch"):
+    with pytest.raises(ValueError, match="built on another model"):
         _generate(llama, plain, proc, "processor", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("path", ["processor", "paired"])
+def test_error_processor_built_on_another_model_with_the_same_vocabulary(llama, tokenizer, path):
+    plain, principle = _inputs(tokenizer)
+    twin = tiny_model("llama", vocab_size=len(tokenizer), seed=1)
+    proc = LinearAlignmentProcessor(twin, principle["input_ids"], principle["attention_mask"])
+    with pytest.raises(ValueError, match="built on another model"):
+        _generate(llama, plain, proc, path, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("path", ["processor", "paired"])
+def test_huge_alpha_refused_instead_of_garbage_tokens(llama, tokenizer, path):
+    plain, principle = _inputs(tokenizer)
+    proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=1e300)
+    with pytest.raises(ValueError, match="alpha.*overflow"):
+        _generate(llama, plain, proc, path, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("conversation", [
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"role": "system", "content": "x"}, {"content": "hi"}],
+])
+def test_message_without_content_refused(tokenizer, conversation):
+    with pytest.raises(ValueError, match="conversation 1, message"):
+        build_principle_inputs(tokenizer, [[{"role": "user", "content": "ok"}], conversation], "Be kind.")
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "2"])
@@ -325,7 +352,8 @@ def test_paired_generate_runs_one_forward_of_2b_rows_per_step(llama, tokenizer):
     calls = []
     handle = llama.model.register_forward_hook(lambda module, args, out: calls.append(out.last_hidden_state.shape[0]))
     try:
-        for path, expected in (("paired", [6] * 5), ("processor", [3, 3] * 5)):
+        # paired: the prompts of each branch on their own (no padding to the longer branch), then 2B rows a step.
+        for path, expected in (("paired", [3, 3] + [6] * 4), ("processor", [3, 3] * 5)):
             calls.clear()
             proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"])
             _generate(llama, plain, proc, path, max_new_tokens=5, min_new_tokens=5, do_sample=False)

@@ -12,8 +12,10 @@ _EXPORTS = {
     "align_scores": "rule",
     "build_principle_inputs": "principles",
     "default_system_prompt": "principles",
+    "export_custom_generate": "export",
     "paired_generate": "paired",
     "personal_preference_principle": "principles",
+    "principle_inputs_for": "principles",
     "with_principle": "principles",
 }
 __all__ = sorted(_EXPORTS)

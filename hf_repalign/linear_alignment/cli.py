@@ -106,7 +106,7 @@ def run(args: GenerateArguments) -> int:
         if args.do_sample:
             gen.update(temperature=AUTHORS_PRESET["principle_temperature"], top_p=1.0, top_k=0)
     proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=args.alpha,
-                                    normalize=args.normalize, **mask)
+                                    normalize=args.normalize, check_prompts=args.system_mode == "append", **mask)
     runs = [
         ("plain", plain, {}),
         ("principle prompt", principle, {}),
@@ -122,4 +122,25 @@ def run(args: GenerateArguments) -> int:
     for row, question in enumerate(args.question):
         print(f"\nQ: {question}\nprinciple: {args.principle[:200]}{'...' if len(args.principle) > 200 else ''}\n")
         print(_columns([title for title, _, _ in runs], [a[row].strip() for a in answers]))
+    return 0
+
+
+@dataclass
+class ExportArguments:
+    output_dir: list[str] = field(default_factory=list, metadata={
+        "help": "Folder to write the custom_generate repository into (push it to the Hub as is)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace other versions of the files it writes."})
+
+    def __post_init__(self):
+        if len(self.output_dir) != 1:
+            raise UsageError(f"give one output folder (OUTPUT_DIR or --output_dir), got {len(self.output_dir)}.")
+
+
+def run_export(args: ExportArguments) -> int:
+    from .export import export_custom_generate
+
+    folder = export_custom_generate(args.output_dir[0], overwrite=args.overwrite)
+    print(f"wrote the Linear Alignment custom_generate method to {folder}: use it with model.generate(..., "
+          f"custom_generate={str(folder)!r}, trust_remote_code=True, principle='...', tokenizer=tokenizer), "
+          "or upload the folder to the Hub.")
     return 0

@@ -14,17 +14,24 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .forward import cached_step, check_context
-from .processor import LinearAlignmentProcessor
+from .processor import LinearAlignmentProcessor, check_model
 
 # model_kwargs generate prepares that this loop replaces with its own (a fresh cache for the 2B rows).
 _REPLACED_KWARGS = {
@@ -44,17 +51,37 @@ def _find_processor(logits_processor: LogitsProcessorList) -> LinearAlignmentPro
 
 
 def _generate_arguments() -> dict:
-    """The local variables of the ``generate`` call that is running this loop, or {}.
+    """The arguments of the ``generate`` call that is running this loop (``streamer``, ``assistant_model``,
+    ``tokenizer``), or {}.
 
-    transformers (5.24) hands ``custom_generate`` callables neither ``streamer`` nor ``assistant_model``; it has
-    already put the prompt into the streamer, so a consumer would wait forever for ``end()`` unless we find it.
+    transformers (5.17-5.25) hands ``custom_generate`` callables neither ``streamer``, ``assistant_model`` nor
+    ``tokenizer``; it has already put the prompt into the streamer, so a consumer would wait forever for ``end()``
+    unless we find it. ``tokenizer`` is only left in the keyword arguments of the wrappers around ``generate``.
+    The exported ``custom_generate`` method receives all of them and passes them on, so this is only needed when
+    ``paired_generate`` is given to ``generate`` directly.
     """
     frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _GENERATE_CODE:
-            return frame.f_locals
+    while frame is not None and frame.f_code is not _GENERATE_CODE:
         frame = frame.f_back
-    return {}
+    if frame is None:
+        return {}
+    found = {key: frame.f_locals.get(key) for key in ("streamer", "assistant_model")}
+    for _ in range(4):
+        frame = frame.f_back
+        kwargs = frame.f_locals.get("kwargs") if frame is not None else None
+        if isinstance(kwargs, dict) and kwargs.get("tokenizer") is not None:
+            found["tokenizer"] = kwargs["tokenizer"]
+            break
+    return found
+
+
+def stop_string_criteria(stop_strings, tokenizer) -> StopStringCriteria:
+    """``generate``'s stop-string criterion, with the error it gives when no tokenizer is at hand."""
+    if tokenizer is None:
+        raise ValueError(
+            "`stop_strings` needs the model's tokenizer: pass `tokenizer=` to generate alongside `stop_strings`."
+        )
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
 
 
 def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +89,46 @@ def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -
     if extra == 0:
         return ids, mask
     return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
+
+
+def _prefill(model, branches, length: int):
+    """The first step, each branch on its own, then one cache for all rows (each branch's keys and values
+    left-padded to ``length``): no work on the padding that would line a short branch up with a long one.
+
+    Returns (logits, cache), or (None, None) when the cache layers are not ``DynamicLayer`` (the caller then runs
+    all rows together).
+    """
+    logits, caches = [], []
+    for index, (ids, mask) in enumerate(branches):
+        shared = _shared_prefix(branches[0], (ids, mask)) if index else 0
+        if shared:  # the tokens before the principle: their keys and values are the plain branch's
+            start = copy.deepcopy(caches[0])
+            for layer in start.layers:
+                layer.keys, layer.values = layer.keys[..., :shared, :], layer.values[..., :shared, :]
+            branch_logits, branch_cache = cached_step(model, ids[:, shared:], mask, start)
+        else:
+            branch_logits, branch_cache = cached_step(model, ids, mask, None)
+        if not all(type(layer) is DynamicLayer for layer in branch_cache.layers):
+            return None, None
+        logits.append(branch_logits)
+        caches.append(branch_cache)
+    merged = caches[0]
+    for index, layer in enumerate(merged.layers):
+        parts = [cache.layers[index] for cache in caches]
+        layer.keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
+        layer.values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])
+    return torch.cat(logits), merged
+
+
+def _shared_prefix(plain: tuple[torch.Tensor, torch.Tensor], branch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """How many leading tokens every row of ``branch`` shares with its plain row (0 when either is padded: the
+    positions would not line up), leaving at least one token of each to run."""
+    (plain_ids, plain_mask), (ids, mask) = plain, branch
+    if not (bool(plain_mask.all()) and bool(mask.all())):
+        return 0
+    n = min(plain_ids.shape[1], ids.shape[1]) - 1
+    same = (plain_ids[:, :n] == ids[:, :n]).all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
 
 
 def _plain_rows_cache(cache, rows: int, extra: int):
@@ -84,11 +151,19 @@ def paired_generate(
     generation_config: GenerationConfig,
     synced_gpus: bool = False,
     streamer=None,
+    stop_strings: str | list[str] | None = None,
     **model_kwargs,
 ):
-    """Greedy / sampling loop with the signature of ``GenerationMixin._sample``; see the module docstring."""
+    """Greedy / sampling loop with the signature of ``GenerationMixin._sample``; see the module docstring.
+
+    ``stop_strings`` is a parameter here (transformers then passes it on instead of asking for a tokenizer it does
+    not hand over); the tokenizer is the one given to ``generate``.
+    """
     caller = _generate_arguments()
     streamer = streamer if streamer is not None else caller.get("streamer")
+    if stop_strings is not None:
+        stopping_criteria = StoppingCriteriaList(
+            [*stopping_criteria, stop_string_criteria(stop_strings, caller.get("tokenizer"))])
     try:
         return _paired_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
                             streamer, caller.get("assistant_model"), model_kwargs)
@@ -120,18 +195,20 @@ def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generati
         raise ValueError(f"paired_generate cannot pass these model inputs on: {unexpected}.")
 
     processor = _find_processor(logits_processor)
+    check_model(processor, model)
     processor.reset()
     rows, plain_len = input_ids.shape
     plain_mask = model_kwargs.get("attention_mask")
     if plain_mask is None:
         plain_mask = torch.ones_like(input_ids)
-    principle_ids, principle_mask = processor.expanded_principle(input_ids)
-    length = max(plain_len, principle_ids.shape[1])
+    branches = [(input_ids, plain_mask.long())] + [
+        processor.expanded_principle(input_ids, plain_mask, branch) for branch in range(len(processor.branches))]
+    length = max(ids.shape[1] for ids, _ in branches)
     pad_id = int(generation_config._pad_token_tensor) if generation_config._pad_token_tensor is not None else 0
-    plain_ids_p, plain_mask_p = _left_pad(input_ids, plain_mask.long(), length, pad_id)
-    principle_ids_p, principle_mask_p = _left_pad(principle_ids, principle_mask, length, pad_id)
-    step_ids = torch.cat([plain_ids_p, principle_ids_p])
-    mask = torch.cat([plain_mask_p, principle_mask_p])
+    padded = [_left_pad(ids, branch_mask, length, pad_id) for ids, branch_mask in branches]
+    step_ids = torch.cat([ids for ids, _ in padded])
+    mask = torch.cat([branch_mask for _, branch_mask in padded])
+    copies = len(padded)
 
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
@@ -144,12 +221,17 @@ def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generati
         while True:
             check_context(model, mask[:rows], "plain")
             check_context(model, mask[rows:], "principle")
-            logits, cache = cached_step(model, step_ids, mask, cache)
-            plain_logits, principle_logits = logits[:rows], logits[rows:]
+            if cache is None:
+                logits, cache = _prefill(model, branches, length)
+                if cache is None:
+                    logits, cache = cached_step(model, step_ids, mask, None)
+            else:
+                logits, cache = cached_step(model, step_ids, mask, cache)
+            plain_logits, *principle_logits = logits.split(rows)
             # The aligned scores are the model's scores: every processor, including those generate runs before
             # user processors, acts on them. The processor's own call then only applies its plausibility mask.
             aligned = processor.align(plain_logits, principle_logits)
-            processor.feed(principle_logits)
+            processor.feed(principle_logits[0])
             next_scores = logits_processor(input_ids, aligned)
             if scores is not None:
                 scores += (next_scores,)
@@ -167,8 +249,8 @@ def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generati
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
             if not bool(unfinished.any()):
                 break
-            step_ids = torch.cat([next_tokens, next_tokens])[:, None]
-            mask = torch.cat([mask, mask.new_ones(2 * rows, 1)], dim=1)
+            step_ids = next_tokens.repeat(copies)[:, None]
+            mask = torch.cat([mask, mask.new_ones(copies * rows, 1)], dim=1)
     finally:
         processor.reset()
     if return_dict:

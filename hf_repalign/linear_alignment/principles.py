@@ -89,6 +89,14 @@ def _as_messages(conversation: Conversation, row: int) -> Messages:
         return [{"role": "user", "content": conversation}]
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"conversation {row} must be a string or a non-empty list of messages.")
+    for index, message in enumerate(conversation):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"conversation {row}, message {index}: expected a dict with a string 'role'.")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(
+                f"conversation {row}, message {index} ({message['role']}): 'content' must be a string, got "
+                f"{type(message.get('content')).__name__}{' (missing)' if 'content' not in message else ''}."
+            )
     return list(conversation)
 
 
@@ -147,5 +155,94 @@ def build_principle_inputs(
     tokenizer.padding_side = "left"
     try:
         return tokenizer(plain_texts, **encode), tokenizer(principle_texts, **encode)
+    finally:
+        tokenizer.padding_side = side
+
+
+_SYSTEM_MARK, _USER_MARK = "\x1fHF_REPALIGN_SYSTEM\x1f", "\x1fHF_REPALIGN_USER\x1f"
+
+
+def _layout(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
+    """``(before_system, after_system, before_user)``: how ``tokenizer`` renders a conversation, read off two probes.
+
+    ``[system S, user U]`` renders as ``before_system + S + after_system + U + ...`` and ``[user U]`` as
+    ``before_user + U + ...`` (``before_user`` then holds any default system prompt the template inserts).
+    """
+    probe = _render(tokenizer, [{"role": "system", "content": _SYSTEM_MARK}, {"role": "user", "content": _USER_MARK}])
+    before_system, _, rest = probe.partition(_SYSTEM_MARK)
+    after_system = rest.partition(_USER_MARK)[0]
+    before_user = _render(tokenizer, [{"role": "user", "content": _USER_MARK}]).partition(_USER_MARK)[0]
+    return before_system, after_system, before_user
+
+
+def place_principle(text: str, principle: str, layout: tuple[str, str, str]) -> str | None:
+    """``text`` (a rendered prompt) with ``principle`` appended to its system text, as :func:`build_principle_inputs`
+    does; None when ``text`` does not start like a conversation rendered with ``layout``."""
+    before_system, after_system, before_user = layout
+    end = text.find(after_system, len(before_system)) if after_system and text.startswith(before_system) else -1
+    if end >= 0:
+        system = text[len(before_system):end]
+        return before_system + (f"{system}\n\n{principle}" if system else principle) + text[end:]
+    if text.startswith(before_user):
+        return before_system + principle + after_system + text[len(before_user):]
+    return None
+
+
+def principle_inputs_for(
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids,
+    attention_mask=None,
+    principle: str | Sequence[str] = "",
+) -> BatchEncoding:
+    """The principle-conditioned encoding of prompts that are already encoded (left-padded ``input_ids``).
+
+    Each row is decoded, the principle is placed as :func:`build_principle_inputs` places it (after the system text
+    the row has, explicit or the chat template's default; as a new system turn when it has none), and re-encoded:
+    on the same conversations, the result equals ``build_principle_inputs(...)[1]`` token for token.
+
+    Raises:
+        ValueError: naming the row, when a row does not decode and re-encode to its own ids or does not start like
+            a conversation rendered by ``tokenizer`` (then build the principle rows with
+            :func:`build_principle_inputs` and pass them as ``principle_input_ids``).
+
+    Example:
+        >>> principle = principle_inputs_for(tokenizer, plain["input_ids"], plain["attention_mask"], "Be brief.")
+    """
+    import torch
+
+    ids = torch.as_tensor(input_ids)
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+    principles = [principle] * ids.shape[0] if isinstance(principle, str) else list(principle)
+    if len(principles) != ids.shape[0]:
+        raise ValueError(f"got {len(principles)} principles for {ids.shape[0]} prompts.")
+    for row, text in enumerate(principles):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"the principle for row {row} is empty.")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    layout = _layout(tokenizer)
+    texts = []
+    for row, (row_ids, row_mask, text) in enumerate(zip(ids, mask, principles)):
+        tokens = row_ids[row_mask.bool()].tolist()
+        prompt = tokenizer.decode(tokens, skip_special_tokens=not has_template, clean_up_tokenization_spaces=False)
+        if tokenizer(prompt, add_special_tokens=not has_template)["input_ids"] != tokens:
+            raise ValueError(
+                f"cannot place the principle in prompt row {row}: its ids do not decode and re-encode to themselves "
+                "with this tokenizer (another tokenizer, or ids built by hand?). Build the principle rows with "
+                "build_principle_inputs and pass principle_input_ids instead."
+            )
+        placed = place_principle(prompt, text, layout)
+        if placed is None:
+            raise ValueError(
+                f"cannot place the principle in prompt row {row}: it does not start like a conversation rendered "
+                f"by this tokenizer (it starts with {prompt[:40]!r}). Build the principle rows with "
+                "build_principle_inputs and pass principle_input_ids instead."
+            )
+        texts.append(placed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not has_template).to(ids.device)
     finally:
         tokenizer.padding_side = side

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -36,7 +37,7 @@ from transformers.utils import logging
 
 from ..models import context_length
 from .forward import cached_step, check_context
-from .rule import combine, plausibility_mask
+from .rule import combine, combine_many, plausibility_mask
 
 logger = logging.get_logger(__name__)
 
@@ -83,9 +84,11 @@ class LinearAlignmentProcessor(LogitsProcessor):
         model: the causal LM that ``generate`` runs (the principle branch uses the same weights).
         principle_input_ids: (B, Lp) for each row of the batch, the principle-conditioned version of that row's
             prompt, left-padded like the plain prompts. B is the plain batch size; rows are repeated for
-            ``num_return_sequences``.
-        principle_attention_mask: (B, Lp), defaults to all ones.
+            ``num_return_sequences``. A list of such tensors composes several principles (``paired_generate``
+            only): ``mu0 + sum_i (1 + alpha_i) (mu_i - mu0)``, in one forward of (k+1)B rows per step.
+        principle_attention_mask: (B, Lp), defaults to all ones (a list with several principles).
         alpha: the step along ``mup - mu0`` (the authors' "ratio"). With ``normalize=True``, the length of the step.
+            With several principles, one alpha per principle (a list) or one for all.
         normalize: the paper's Eq. 10 / Algorithm 1: ``mu0 + alpha * (mup - mu0) / ||mup - mu0||`` (plain base,
             unit-L2 step over the vocabulary). ``alpha`` is then in logit units along the whole vocabulary:
             ``alpha = ||mup - mu0||`` (typically tens to hundreds) reproduces principle prompting.
@@ -93,6 +96,9 @@ class LinearAlignmentProcessor(LogitsProcessor):
             mask); other tokens get ``-inf``.
         principle_temperature: temperature of the principle distribution the nucleus is taken from. ``None``
             (default): the generation temperature when sampling, 1 when greedy.
+        check_prompts: refuse prompts the principle rows were not built for (each principle row must be its prompt
+            with text inserted, as :func:`build_principle_inputs` builds them). Turn off only for principle rows
+            laid out otherwise, e.g. ``system_mode="replace"``.
 
     Example:
         >>> proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=2.0)
@@ -103,53 +109,47 @@ class LinearAlignmentProcessor(LogitsProcessor):
     def __init__(
         self,
         model: PreTrainedModel,
-        principle_input_ids: torch.Tensor,
-        principle_attention_mask: torch.Tensor | None = None,
-        alpha: float = 1.0,
+        principle_input_ids: torch.Tensor | Sequence[torch.Tensor],
+        principle_attention_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        alpha: float | Sequence[float] = 1.0,
         normalize: bool = False,
         principle_top_p: float | None = None,
         principle_temperature: float | None = None,
+        check_prompts: bool = True,
     ) -> None:
         _check_causal(model)
-        ids = torch.as_tensor(principle_input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[0] == 0:
-            raise ValueError(f"`principle_input_ids` must be a (batch, length) tensor, got shape {tuple(ids.shape)}.")
-        mask = torch.ones_like(ids) if principle_attention_mask is None else torch.as_tensor(principle_attention_mask)
-        if mask.dim() == 1:
-            mask = mask.unsqueeze(0)
-        if mask.shape != ids.shape:
+        several = isinstance(principle_input_ids, (list, tuple))
+        id_list = list(principle_input_ids) if several else [principle_input_ids]
+        if not id_list:
+            raise ValueError("`principle_input_ids` is an empty list: give at least one principle.")
+        masks = principle_attention_mask if several else [principle_attention_mask]
+        masks = [None] * len(id_list) if masks is None else list(masks)
+        alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * len(id_list)
+        if len(masks) != len(id_list) or len(alphas) != len(id_list):
             raise ValueError(
-                f"`principle_attention_mask` has shape {tuple(mask.shape)} but `principle_input_ids` has "
-                f"{tuple(ids.shape)}."
+                f"got {len(id_list)} principle encodings, {len(masks)} attention masks and {len(alphas)} alphas: "
+                "give one of each per principle."
             )
-        empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"`principle_input_ids` row(s) {empty} are empty (attention mask all zeros).")
-        vocab = model.get_input_embeddings().num_embeddings
-        if int(ids.max()) >= vocab or int(ids.min()) < 0:
-            raise ValueError(
-                f"`principle_input_ids` holds token id {int(ids.max())} but the model's vocabulary has {vocab} "
-                "tokens: were the principle prompts encoded with another tokenizer?"
-            )
-        limit, lengths = context_length(model), mask.sum(dim=1)
-        if limit is not None and int(lengths.max()) >= limit:
-            row = int(lengths.argmax())
-            raise ValueError(
-                f"`principle_input_ids` row {row} has {int(lengths[row])} tokens but the model's context is {limit} "
-                "(max_position_embeddings): no room is left to generate; shorten the principle or the prompt."
-            )
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"`alpha` must be a finite number, got {alpha!r}.")
+        name = "alphas" if several else "alpha"
+        for value in alphas:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite numbers, got {value!r}.")
+        self.branches = [_check_principle_rows(model, ids, mask, i if several else None)
+                         for i, (ids, mask) in enumerate(zip(id_list, masks))]
+        rows = {ids.shape[0] for ids, _ in self.branches}
+        if len(rows) > 1:
+            raise ValueError(f"the principles have different batch sizes {sorted(rows)}: give each one row per prompt.")
+        if several and principle_top_p is not None:
+            raise ValueError("`principle_top_p` (the plausibility mask) supports one principle, got several.")
         if principle_top_p is not None and not 0.0 < float(principle_top_p) <= 1.0:
             raise ValueError(f"`principle_top_p` must be in (0, 1], got {principle_top_p!r}.")
         if principle_temperature is not None and not float(principle_temperature) > 0.0:
             raise ValueError(f"`principle_temperature` must be > 0, got {principle_temperature!r}.")
         self.model = model
-        self.principle_input_ids = ids
-        self.principle_attention_mask = mask.long()
-        self.alpha = float(alpha)
+        self.principle_input_ids, self.principle_attention_mask = self.branches[0]
+        self.alphas = [float(value) for value in alphas]
+        self.alpha = self.alphas[0]
+        self.check_prompts = bool(check_prompts)
         self.normalize = bool(normalize)
         self.principle_top_p = None if principle_top_p is None else float(principle_top_p)
         self.principle_temperature = None if principle_temperature is None else float(principle_temperature)
@@ -182,28 +182,40 @@ class LinearAlignmentProcessor(LogitsProcessor):
         self._generated: torch.Tensor | None = None
         self._paired_principle: torch.Tensor | None = None
 
-    def expanded_principle(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Principle ids and mask with one row per row of ``input_ids`` (repeated for ``num_return_sequences``)."""
-        rows, principle_rows = input_ids.shape[0], self.principle_input_ids.shape[0]
-        ids = self.principle_input_ids.to(input_ids.device)
-        mask = self.principle_attention_mask.to(input_ids.device)
-        if rows == principle_rows:
-            return ids, mask
-        repeats = rows // principle_rows
-        grouped = rows % principle_rows == 0 and bool(
-            (input_ids.view(principle_rows, repeats, -1) == input_ids.view(principle_rows, repeats, -1)[:, :1]).all()
-        )
-        if not grouped:
-            raise ValueError(
-                f"principle batch size {principle_rows} does not match the plain batch size {rows} (after "
-                "num_return_sequences): give one principle-conditioned prompt per plain prompt."
-            )
-        return ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
+    def expanded_principle(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, branch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Principle ids and mask with one row per row of ``input_ids`` (repeated for ``num_return_sequences``).
 
-    def align(self, plain_logits: torch.Tensor, principle_logits: torch.Tensor) -> torch.Tensor:
+        Refuses (``check_prompts``) rows of ``input_ids`` that are not the principle rows with the principle text
+        taken out: principle rows built for other prompts would steer towards answers to other questions.
+        """
+        principle_ids, principle_mask = self.branches[branch]
+        rows, principle_rows = input_ids.shape[0], principle_ids.shape[0]
+        ids, mask = principle_ids.to(input_ids.device), principle_mask.to(input_ids.device)
+        if rows != principle_rows:
+            repeats = rows // principle_rows
+            grouped = rows % principle_rows == 0 and bool(
+                (input_ids.view(principle_rows, repeats, -1) == input_ids.view(principle_rows, repeats, -1)[:, :1])
+                .all()
+            )
+            if not grouped:
+                raise ValueError(
+                    f"principle batch size {principle_rows} does not match the plain batch size {rows} (after "
+                    "num_return_sequences): give one principle-conditioned prompt per plain prompt."
+                )
+            ids, mask = ids.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
+        if self.check_prompts:
+            _check_rows_belong(input_ids, attention_mask, ids, mask)
+        return ids, mask
+
+    def align(self, plain_logits: torch.Tensor, principle_logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """The aligned scores from the raw logits of both branches, before any processor (used by
-        ``paired_generate``, which then hands ``principle_logits`` over with :meth:`feed`)."""
-        return combine(plain_logits, principle_logits, self.alpha, self.normalize)
+        ``paired_generate``, which then hands ``principle_logits`` over with :meth:`feed`). With several
+        principles, ``principle_logits`` is their list and the rule is :func:`~.rule.combine_many`."""
+        if isinstance(principle_logits, torch.Tensor):
+            principle_logits = [principle_logits]
+        return combine_many(plain_logits, principle_logits, self.alphas, self.normalize)
 
     def feed(self, principle_logits: torch.Tensor) -> None:
         """Mark this step's scores as already aligned by :meth:`align`; the processor's own call then only applies
@@ -215,6 +227,9 @@ class LinearAlignmentProcessor(LogitsProcessor):
         if self._paired_principle is not None:
             principle_logits, self._paired_principle = self._paired_principle, None
             return self._plausible(scores, principle_logits, processors).to(scores.dtype)
+        if len(self.branches) > 1:
+            raise ValueError("several principles run only with custom_generate=paired_generate.")
+        check_model(self, _generating_model())
         if processors is not None:
             self._check_upstream(processors)
         else:  # called outside a LogitsProcessorList: what ran before us cannot be checked, so say so once
@@ -289,6 +304,94 @@ class LinearAlignmentProcessor(LogitsProcessor):
         logits, self._cache = cached_step(self.model, tokens, self._mask, self._cache)
         self._generated = new
         return logits
+
+
+def check_model(processor: LinearAlignmentProcessor, model) -> None:
+    """Refuse a processor built on another model than the one that generates (even with the same vocabulary:
+    the principle branch would run other weights)."""
+    if model is None or model is processor.model:
+        return
+    # A wrapper (PeftModel, DDP) generates through the model it wraps: same embedding module, same model.
+    if model.get_input_embeddings() is not processor.model.get_input_embeddings():
+        raise ValueError(
+            f"this LinearAlignmentProcessor was built on another model ({type(processor.model).__name__} at "
+            f"{id(processor.model):#x}) than the one that generates ({type(model).__name__} at {id(model):#x}): "
+            "build it with the model you call generate on."
+        )
+
+
+def _generating_model():
+    """The model whose decoding loop (``_sample`` & co.) is calling the processors, or None."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, PreTrainedModel):
+            # An assistant model drafting tokens runs the main model's processors: not ours to check.
+            config = frame.f_locals.get("generation_config")
+            return None if getattr(config, "is_assistant", False) else candidate
+        frame = frame.f_back
+    return None
+
+
+def _check_principle_rows(model, principle_input_ids, principle_attention_mask, index: int | None):
+    """(ids, mask) of one principle, validated against ``model``; ``index`` names it among several."""
+    name = "principle_input_ids" if index is None else f"principle_input_ids[{index}]"
+    ids = torch.as_tensor(principle_input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a (batch, length) tensor, got shape {tuple(ids.shape)}.")
+    mask = torch.ones_like(ids) if principle_attention_mask is None else torch.as_tensor(principle_attention_mask)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != ids.shape:
+        raise ValueError(f"the attention mask of `{name}` has shape {tuple(mask.shape)} but the ids have "
+                         f"{tuple(ids.shape)}.")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"`{name}` row(s) {empty} are empty (attention mask all zeros).")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise ValueError(
+            f"`{name}` holds token id {int(ids.max())} but the model's vocabulary has {vocab} "
+            "tokens: were the principle prompts encoded with another tokenizer?"
+        )
+    limit, lengths = context_length(model), mask.sum(dim=1)
+    if limit is not None and int(lengths.max()) >= limit:
+        row = int(lengths.argmax())
+        raise ValueError(
+            f"`{name}` row {row} has {int(lengths[row])} tokens but the model's context is {limit} "
+            "(max_position_embeddings): no room is left to generate; shorten the principle or the prompt."
+        )
+    return ids, mask.long()
+
+
+# Tokens a principle may change around the place it is inserted (BPE merges across the boundary).
+_BOUNDARY_SLACK = 2
+
+
+def _check_rows_belong(plain_ids, plain_mask, principle_ids, principle_mask) -> None:
+    """Each plain row must be its principle row with the inserted principle text taken out."""
+    for row in range(plain_ids.shape[0]):
+        principle = principle_ids[row][principle_mask[row].bool()]
+        if plain_mask is not None:
+            plain = plain_ids[row][plain_mask[row].bool()]
+        else:  # left padding unknown: the prompt starts where the principle row's first token first appears
+            start = (plain_ids[row] == principle[0]).nonzero()
+            plain = plain_ids[row][int(start[0]):] if len(start) else plain_ids[row]
+        n = min(len(plain), len(principle))
+        prefix = int((plain[:n] == principle[:n]).long().cumprod(0).sum())
+        suffix = int((plain.flip(0)[:n] == principle.flip(0)[:n]).long().cumprod(0).sum())
+        if prefix + suffix + _BOUNDARY_SLACK < len(plain):
+            raise ValueError(
+                f"prompt row {row} does not belong to this processor's principle rows: the principle row is not "
+                "that prompt with the principle inserted (built for other prompts?). Build the processor for these "
+                "prompts (build_principle_inputs), or give the principle as text: generate(..., principle='...', "
+                "tokenizer=tokenizer) with the exported custom_generate method. check_prompts=False turns this off "
+                "for principle rows laid out otherwise (system_mode='replace')."
+            )
 
 
 def _calling_list(processor: LinearAlignmentProcessor) -> LogitsProcessorList | None:

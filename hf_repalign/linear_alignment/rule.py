@@ -9,6 +9,8 @@ the base and a unit-L2 step, so ``alpha=0`` is plain decoding and ``alpha = ||mu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -31,7 +33,7 @@ def align_scores(
         principle_temperature: temperature of the principle distribution the nucleus is taken from.
 
     Returns:
-        (B, V) float32 scores; never NaN or ``+inf``.
+        (B, V) float32 scores; never NaN or ``+inf`` (an ``alpha`` so large that they would overflow is refused).
 
     Example:
         >>> align_scores(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), alpha=1.0)
@@ -59,8 +61,35 @@ def combine(plain: torch.Tensor, principle: torch.Tensor, alpha: float, normaliz
     else:
         # (1 + a) * mup - a * mu0: bit-exact mup at a=0 and mu0 at a=-1.
         out = (1.0 + alpha) * principle_finite - alpha * plain_finite
-    out = out.masked_fill(banned, float("-inf"))
-    return torch.nan_to_num(out, nan=float("-inf"), posinf=torch.finfo(out.dtype).max, neginf=float("-inf"))
+    if not bool(torch.isfinite(out).logical_or(banned).all()):
+        raise ValueError(
+            f"`alpha`={alpha!r} makes the aligned scores overflow float32 (|score| > 3.4e38), which would pick "
+            "garbage tokens: use a smaller alpha (useful values are about -1 to 10; with normalize=True, up to a "
+            "few hundred)."
+        )
+    return out.masked_fill(banned, float("-inf"))
+
+
+def combine_many(
+    plain: torch.Tensor, principles: Sequence[torch.Tensor], alphas: Sequence[float], normalize: bool = False
+) -> torch.Tensor:
+    """Several principles at once: ``mu0 + sum_i (combine(mu0, mu_i, a_i) - mu0)``.
+
+    With the default rule that is ``mu0 + sum_i (1 + a_i) (mu_i - mu0)``; with ``normalize=True``,
+    ``mu0 + sum_i a_i (mu_i - mu0) / ||mu_i - mu0||``. One principle gives exactly :func:`combine`; a principle with
+    ``a_i = -1`` (``a_i = 0`` when normalized) drops out.
+    """
+    if len(principles) == 1:
+        return combine(plain, principles[0], alphas[0], normalize)
+    plain = plain.float()
+    banned = ~torch.isfinite(plain)
+    base = plain.masked_fill(banned, 0.0)
+    out = base.clone()
+    for principle, alpha in zip(principles, alphas):
+        out += combine(plain, principle, alpha, normalize).masked_fill(banned, 0.0) - base
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"`alphas`={list(alphas)!r} make the aligned scores overflow float32: use smaller alphas.")
+    return out.masked_fill(banned, float("-inf"))
 
 
 def plausibility_mask(

@@ -1,6 +1,6 @@
 """Real-data check of Linear Alignment on the embedded model: refusals, French, brevity, repetition.
 
-    HF_REPALIGN_DATA=/work/shared/data python benchmarks/la_real_data.py --threads 1 --out docs/img/la_real_data.png
+    python evals/la_real_data.py --data PATH --threads 1 --out docs/img/la_real_data.png
 
 Greedy decoding through ``custom_generate=paired_generate`` (aligned scores from the raw logits of both branches,
 then generate's processors). For each task it decodes with plain prompts, principle-prompted prompts and Linear
@@ -33,7 +33,7 @@ from hf_repalign.data_files import add_data_argument, load_advbench, load_mt_ben
 from hf_repalign.linear_alignment.forward import cached_step
 from hf_repalign.models import load_model_and_tokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import save_figure  # noqa: E402
 
 FRENCH_PRINCIPLE = "Always answer in French."

@@ -1,6 +1,6 @@
 """Which Linear Alignment identities hold in bf16: fp32 vs bf16 on the embedded model.
 
-    HF_REPALIGN_DATA=/work/shared/data python benchmarks/la_bf16_identities.py --threads 1
+    python evals/la_bf16_identities.py --data PATH --threads 1
 
 Greedy, MT-Bench first turns, principle "Always answer in French.". For each dtype it reports the share of rows whose
 tokens are identical for: ``alpha=0`` (paired) vs ``generate`` on the principle prompts, ``alpha=-1`` (paired) vs

@@ -1,11 +1,11 @@
-"""Issue 9's setting rerun: does ``repetition_penalty`` still lower repetition under Linear Alignment?
+"""Does ``repetition_penalty`` lower repetition under Linear Alignment as it does for plain decoding?
 
-    HF_REPALIGN_DATA=/work/shared/data python benchmarks/la_penalty_check.py --threads 1
+    python evals/la_penalty_check.py --data PATH --threads 1
 
 SmolLM2-135M-Instruct, MT-Bench first turns, greedy, ``alpha=2``, principle "Always answer in French.".
 Repeated-token rate: share of the generated tokens (up to EOS) that already occurred earlier in the same answer.
-Before issue 9, the penalty was applied to the plain branch before the update rule and LA turned it into a boost
-(issue 9 measured 0.618 with LA + penalty 1.3 vs 0.410 without any penalty).
+A penalty applied to the plain branch before the update rule would be turned into a boost by LA (that order gave
+0.618 with LA + penalty 1.3 vs 0.410 without any penalty); ``paired_generate`` applies it to the aligned scores.
 """
 
 from __future__ import annotations
