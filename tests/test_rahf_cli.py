@@ -120,7 +120,7 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
     # The byte-level test tokenizer makes the authors' instructions ~400 tokens, past the preset's 256.
     long_prompts = ["--max_prompt_length", "1000"]
     assert cli.main(["rahf", "align", *common, "--preset", "authors", *long_prompts, "--instructed",
-                     str(tmp_path / "scit"), "--output_dir", str(tmp_path / "rahf")]) == 0
+                     str(tmp_path / "scit"), "--output_dir", str(tmp_path / "rahf"), "--save_as", "stacked"]) == 0
     config = json.loads((tmp_path / "rahf" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and stacks[-1] == ["rahf_scit"]
 

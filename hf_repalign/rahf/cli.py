@@ -185,5 +185,5 @@ def run_align(args: AlignCommand) -> int:
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
         trainer.push_to_hub()
-    print(f"RAHF adapter saved to {args.output_dir}")
+    print(f"RAHF {'model (merged)' if args.save_as == 'merged' else 'adapter'} saved to {args.output_dir}")
     return 0
