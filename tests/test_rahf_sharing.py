@@ -107,3 +107,126 @@ def test_save_as_is_checked():
 
     with pytest.raises(ValueError, match="save_as must be one of"):
         RAHFConfig(output_dir="x", save_as="gguf")
+
+
+class FakeHub:
+    """Stands in for ``huggingface_hub.HfApi``: records repos and every upload's files (after its ignore rules)."""
+
+    def __init__(self):
+        self.repos, self.uploads = [], []
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        self.repos.append(repo_id)
+
+    def upload_folder(self, folder_path, repo_id, commit_message=None, ignore_patterns=(), **kwargs):
+        from fnmatch import fnmatch
+
+        root = Path(folder_path)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+                 and not any(fnmatch(p.relative_to(root).as_posix(), pattern) for pattern in ignore_patterns)}
+        self.uploads.append((repo_id, files))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    import transformers.trainer
+
+    from hf_repalign import hub
+
+    fake = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+
+    def trainers_own_hub_code(*args, **kwargs):
+        raise AssertionError("Trainer's own Hub code ran (a repo at init, an upload per save)")
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", trainers_own_hub_code)
+    return fake
+
+
+def _one_clean_upload(fake, repo_id, base_id):
+    assert [repo for repo, _ in fake.uploads] == [repo_id] and fake.repos == [repo_id]
+    files = fake.uploads[0][1]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files)
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl")) or "/" in name
+                or name.startswith(".") or "checkpoint" in name]
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == base_id
+    card = files["README.md"].decode()
+    assert f"base_model: {base_id}" in card and f'from_pretrained("{repo_id}")' in card
+    return files
+
+
+def test_rahf_push_is_one_upload_of_the_default_artifact(tmp_path, tokenizer, base_dir, fake_hub):
+    trainer = make_trainer(tmp_path, tokenizer, str(tmp_path / "scit"), model=AutoModelForCausalLM.from_pretrained(
+        base_dir), max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="user/rahf",
+        base_model="org/tiny-llama")
+    trainer.train()  # two checkpoints: none is uploaded
+    assert (tmp_path / "out" / "checkpoint-2").is_dir() and not fake_hub.uploads
+    trainer.save_model()  # as Trainer: saves output_dir, then pushes (args.push_to_hub)
+    files = _one_clean_upload(fake_hub, "user/rahf", "org/tiny-llama")
+    config = json.loads(files["adapter_config.json"])
+    assert config["r"] == 12  # the RAHF LoRA (r=8) and the step-1 adapter (r=4) folded into one
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_rahf_push_without_a_hub_id_base_is_refused_before_uploading(tmp_path, tokenizer, base_dir, fake_hub):
+    trainer = make_trainer(tmp_path, tokenizer, str(tmp_path / "scit"), model=AutoModelForCausalLM.from_pretrained(
+        base_dir), max_steps=1)
+    trainer.train()
+    with pytest.raises(ValueError, match="base_model"):
+        trainer.push_to_hub(repo_id="user/rahf")
+    assert not fake_hub.uploads
+
+
+def test_cli_align_push_uploads_once_at_the_end(tmp_path, tokenizer, base_dir, fake_hub):
+    from hf_repalign import cli
+
+    data = tmp_path / "prefs.jsonl"
+    from rahf_helpers import ROWS
+
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    assert cli.main(["rahf", "align", "--model_name_or_path", str(base_dir), "--dataset", str(data), "--report_to",
+                     "none", "--use_cpu", "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps",
+                     "1", "--instructed", str(tmp_path / "scit"), "--target_layers", "1", "3", "--output_dir",
+                     str(tmp_path / "rahf"), "--push_to_hub", "--hub_model_id", "user/rahf", "--base_model",
+                     "org/tiny-llama"]) == 0
+    _one_clean_upload(fake_hub, "user/rahf", "org/tiny-llama")
+
+
+def test_scit_push_and_save_are_hub_ready(tmp_path, tokenizer, base_dir, fake_hub):
+    from hf_repalign.rahf import SCITConfig, SCITTrainer
+    from rahf_helpers import ROWS
+
+    args = SCITConfig(output_dir=str(tmp_path / "scit_out"), report_to="none", use_cpu=True, max_steps=1,
+                      per_device_train_batch_size=2, save_strategy="no", hub_model_id="user/scit",
+                      base_model="org/tiny-llama")
+    trainer = SCITTrainer(AutoModelForCausalLM.from_pretrained(base_dir), args, train_dataset=ROWS,
+                          processing_class=tokenizer, peft_config=lora())
+    trainer.train()
+    trainer.save_model()
+    saved = tmp_path / "scit_out"
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+    assert "RAHF step 1: SCIT" in (saved / "README.md").read_text() and (saved / "tokenizer.json").is_file()
+    assert not (saved / "training_args.bin").exists()
+    assert trainer.push_to_hub("Upload SCIT") == "https://huggingface.co/user/scit/commit/0"
+    _one_clean_upload(fake_hub, "user/scit", "org/tiny-llama")
+
+
+def test_dual_adapters_are_saved_hub_ready(tmp_path, tokenizer, base_dir):
+    from hf_repalign.rahf import DualConfig, train_dual
+    from rahf_helpers import ROWS
+
+    args = DualConfig(output_dir=str(tmp_path / "dual"), per_device_train_batch_size=2, max_steps=1,
+                      report_to="none", use_cpu=True, save_strategy="no", max_length=None)
+    folders = train_dual(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer, ROWS, args, peft_config=lora())
+    for name, folder in folders.items():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(base_dir.absolute())  # no Hub id known: the absolute path
+        card = (folder / "README.md").read_text()
+        assert f"Dual {name}" in card and f'from_pretrained("{folder.absolute()}")' in card
+        assert (folder / "tokenizer.json").is_file() and not (folder / "training_args.bin").exists()

@@ -28,9 +28,9 @@ from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from .dual_config import DualConfig
 from .instructions import instructed_template
 from .scit import seed_before_init
-from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, targets_embeddings
+from .step1_card import local_base, step1_base_id, write_step1_card
+from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, save_training_args, targets_embeddings
 from .validation import require_finite_weights, write_signature
-from .trainer_mixin import save_training_args
 
 logger = logging.get_logger(__name__)
 
@@ -84,8 +84,9 @@ def dual_dataset(dataset: Any, tokenizer: Any, side: str, instruction: str = "",
     )
 
 
-def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
-    """A standard adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for adapter ``name``."""
+def _save_adapter(peft_model: Any, name: str, directory: Path, base: str | None) -> None:
+    """A standard adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for adapter ``name``,
+    naming ``base`` (a Hub id; else the local path) as its base model."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -96,6 +97,7 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(peft_model.peft_config[name])
     config.inference_mode = True
+    config.base_model_name_or_path = base or local_base(peft_model)
     config.save_pretrained(str(directory))
     write_signature(directory, peft_model)
 
@@ -155,13 +157,17 @@ def train_dual(
         folders[name] = root / name
         if trainer.args.should_save:
             kind = PEFT_ADAPTER if peft_model is not None else TRANSFORMERS_MODEL
+            base = step1_base_id(trained, args.base_model)
             with atomic_folder(folders[name], kind, overwrite=overwrite) as tmp:
                 if peft_model is not None:
-                    _save_adapter(peft_model, name, tmp)
+                    _save_adapter(peft_model, name, tmp, base)
+                    tokenizer.save_pretrained(str(tmp))
                 else:
                     require_finite_weights(trained, f"Dual {name} model")
-                    trainer._save(str(tmp))  # full weights on the main process (sharded setups are refused above)
-                    save_training_args(trainer.args, tmp)  # JSON, not Trainer's pickle
+                    trainer._save(str(tmp))  # full weights + tokenizer (sharded setups are refused above)
+                save_training_args(trainer.args, tmp)  # JSON, not Trainer's pickle
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the loss history
+                write_step1_card(tmp, f"Dual {name}", trained, args, str(folders[name].absolute()), base,
+                                 trainer.state.global_step)
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
     return folders

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .step1_card import base_model_field
 from .validation import require_number
 
 
@@ -22,6 +23,7 @@ class DualConfig(SFTConfig):
     good_instruction: str = field(default="", metadata={"help": "Instruction in the good model's prompts."})
     bad_instruction: str = field(default="", metadata={"help": "Instruction in the bad model's prompts."})
     prompt_format: str | None = field(default=None, metadata={"help": "Format with {query}; default as SCIT."})
+    base_model: str | None = base_model_field()
     completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on response tokens only."})
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
+from .step1_card import base_model_field
 from .validation import require_number
 
 
@@ -31,6 +32,7 @@ class SCITConfig(TrainingArguments):
     sft_weight: float = field(default=1.0, metadata={"help": "Weight of the P (likelihood) term of Eq. 1."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Skip rows whose instructed prompt is longer than N tokens."})
     max_length: int | None = field(default=None, metadata={"help": "Cut responses so prompt+response <= N."})
+    base_model: str | None = base_model_field()
     remove_unused_columns: bool = field(default=False, metadata={"help": "SCIT needs its own columns."})
 
     def __post_init__(self):

@@ -9,9 +9,9 @@ Under gradient accumulation the Trainer counts the items of all micro-batches of
 gradient equals the one of the whole batch at once. Without a count (evaluation, older transformers) the loss is the
 micro-batch mean and the Trainer divides it by the accumulation steps.
 
-Saving: the final model is written with ``hub.atomic_folder`` (other files in the folder are kept, the training
-arguments as JSON instead of a pickle), and each checkpoint is built under a hidden name and renamed into place once
-complete, so ``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill.
+Saving: each checkpoint is built under a hidden name and renamed into place once complete, so
+``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill; ``save_model`` and ``push_to_hub`` keep
+``Trainer``'s signatures and upload one finished artifact once (``HubMixin``).
 
 Example:
     >>> class MyTrainer(RAHFTrainerMixin, Trainer):
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder, push_folder
+from ..hub import push_folder
 
 
 def targets_embeddings(peft_config) -> bool:
@@ -194,19 +194,6 @@ class RAHFTrainerMixin(FiniteLossMixin, AtomicCheckpointMixin, HubMixin):
             logs.update({f"{prefix}{name}": value for name, value in zip(names, means)})
         self._metrics[mode].clear()
         super().log(logs, start_time)
-
-    # ---- saving ----
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:  # only here for the collectives of a sharded save
-            return super()._save(output_dir, state_dict)
-        model = self.accelerator.unwrap_model(self.model)
-        kind = PEFT_ADAPTER if hasattr(model, "peft_config") else TRANSFORMERS_MODEL
-        with atomic_folder(output_dir, kind) as tmp:
-            super()._save(str(tmp), state_dict)
-            save_training_args(self.args, tmp)
-
 
 
 def save_training_args(args, folder: str | os.PathLike) -> None:
