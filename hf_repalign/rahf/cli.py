@@ -19,7 +19,7 @@ from pathlib import Path
 from ..cli import UsageError
 from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, atomic_folder, check_target, check_writable,
                    hub_offline, local_or_repo_id, refuse_inputs)
-from .dual_config import DualConfig
+from .dual_config import DualConfig, resume_each_side
 from .rahf_config import RAHFConfig
 from .scit_config import SCITConfig
 
@@ -107,6 +107,24 @@ def _check_output(args: _Common, *kinds_and_folders) -> None:
         check_writable(folder, "--output_dir")
 
 
+def _resume(args: _Common, folder: str | Path) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest ``checkpoint-N`` in ``folder``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("true", "latest", "last"):
+        last = get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: {folder} holds no checkpoint-N folder to resume from.")
+        return last
+    if not Path(value).is_dir():
+        raise UsageError(f"--resume_from_checkpoint: {value} is not a checkpoint folder; give one, or true for the "
+                         f"latest in {folder}.")
+    return value
+
+
 def _load(args: _Common):
     from ..models import load_model_and_tokenizer
 
@@ -136,7 +154,7 @@ def run_scit(args: SCITCommand) -> int:
     model, tokenizer = _load(args)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
     if args.overwrite:  # save into a staging folder the user allowed to replace clashing files of
         with atomic_folder(args.output_dir, kind, overwrite=True) as tmp:
             trainer.save_model(str(tmp))
@@ -151,6 +169,7 @@ def run_dual(args: DualCommand) -> int:
 
     kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
     _check_output(args, *((kind, Path(args.output_dir) / side) for side in ("good", "bad")))
+    resume_each_side(args.resume_from_checkpoint)  # a bad value fails before any work
     rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
     folders = train_dual(model, tokenizer, rows, _config(args, DualConfig),
@@ -181,7 +200,7 @@ def run_align(args: AlignCommand) -> int:
         model, tokenizer = _load(args)
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=rows, processing_class=tokenizer,
                           instructed=instructed)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
         trainer.push_to_hub()

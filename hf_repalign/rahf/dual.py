@@ -25,7 +25,7 @@ from trl import SFTTrainer
 
 from ..formats import encode_pair, to_triplet
 from ..hub import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
-from .dual_config import DualConfig
+from .dual_config import DualConfig, resume_each_side
 from .instructions import instructed_template
 from .scit import seed_before_init
 from .step1_card import local_base, step1_base_id, write_step1_card
@@ -122,8 +122,12 @@ def train_dual(
     With ``peft_config`` the model gains two adapters ``"good"`` and ``"bad"`` in place (a ``PeftModel`` is
     returned in ``trainer_kwargs``-free form via the folders); otherwise each side fine-tunes its own copy.
     ``overwrite=True`` lets the saves replace clashing files in ``output_dir/good`` and ``output_dir/bad`` (other
-    files there are kept either way).
+    files there are kept either way). With ``args.resume_from_checkpoint`` true, each side resumes from its latest
+    checkpoint in ``output_dir/good_checkpoints`` / ``output_dir/bad_checkpoints`` (a side without one starts
+    afresh).
     """
+    from transformers.trainer_utils import get_last_checkpoint
+
     from peft import get_peft_model
 
     if tokenizer.pad_token is None:
@@ -131,6 +135,7 @@ def train_dual(
     if args.truncation_mode != "keep_start":
         raise ValueError("Dual supports truncation_mode='keep_start' only (its check that responses survive "
                          "max_length assumes it).")
+    resume_sides = resume_each_side(args.resume_from_checkpoint)
     root = Path(args.output_dir)
     peft_model = None
     if peft_config is not None:
@@ -153,7 +158,9 @@ def train_dual(
                              processing_class=tokenizer, **trainer_kwargs)
         if peft_model is None and _sharded(trainer):
             raise ValueError("full fine-tuning Dual cannot save under FSDP / DeepSpeed ZeRO-3; pass a peft_config.")
-        trainer.train()
+        checkpoints = Path(side_args.output_dir)
+        resume = get_last_checkpoint(str(checkpoints)) if resume_sides and checkpoints.is_dir() else None
+        trainer.train(resume_from_checkpoint=resume)
         folders[name] = root / name
         if trainer.args.should_save:
             kind = PEFT_ADAPTER if peft_model is not None else TRANSFORMERS_MODEL

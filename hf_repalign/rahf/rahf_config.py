@@ -17,7 +17,7 @@ from transformers.utils import logging
 from .export import SAVE_AS
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 from .patterns import PAPER_LAYERS, SCIT_SCRIPT_LAYERS
-from .validation import require_number
+from .validation import require_number, require_training_numbers
 
 logger = logging.get_logger(__name__)
 
@@ -113,7 +113,7 @@ class RAHFConfig(TrainingArguments):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         require_number("alpha", self.alpha, low=0.0)
-        require_number("learning_rate", self.learning_rate, low=0.0)
+        require_training_numbers(self)
         require_number("max_response_tokens", self.max_response_tokens, low=1, integer=True)
         require_number("max_prompt_length", self.max_prompt_length, low=1, integer=True)
         require_number("lora_r", self.lora_r, low=1, integer=True)

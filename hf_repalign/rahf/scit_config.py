@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 from .step1_card import base_model_field
-from .validation import require_number
+from .validation import require_number, require_training_numbers
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SCITConfig(TrainingArguments):
         super().__post_init__()
         require_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         require_number("sft_weight", self.sft_weight, low=0.0)
-        require_number("learning_rate", self.learning_rate, low=0.0)
+        require_training_numbers(self)
         for name in ("max_prompt_length", "max_length"):
             if getattr(self, name) is not None:
                 require_number(name, getattr(self, name), low=1, integer=True)

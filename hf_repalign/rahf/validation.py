@@ -43,6 +43,20 @@ def require_number(name: str, value: Any, low: float | None = None, high: float 
         raise ValueError(f"{name} must be <= {high}, got {value}.")
 
 
+def require_training_numbers(args: Any) -> None:
+    """The optimizer numbers of ``TrainingArguments`` finite and in range: a NaN ``max_grad_norm`` or ``weight_decay``
+    would otherwise turn every weight into NaN at the first step."""
+    require_number("learning_rate", args.learning_rate, low=0.0)
+    if args.max_grad_norm is not None:  # None or 0: no clipping
+        require_number("max_grad_norm", args.max_grad_norm, low=0.0)
+    require_number("weight_decay", args.weight_decay, low=0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        require_number(name, getattr(args, name), low=0.0)
+        if getattr(args, name) >= 1.0:
+            raise ValueError(f"{name} must be < 1, got {getattr(args, name)}.")
+    require_number("adam_epsilon", args.adam_epsilon, low=0.0)
+
+
 def require_finite_weights(weights: nn.Module | Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse to save ``weights`` (a model's trainable parameters, or a state dict) when any is NaN or infinite."""
     named = (weights.items() if isinstance(weights, Mapping)
