@@ -81,6 +81,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
 
     location = check_dataset(path, split)
     if isinstance(location, Path) and location.is_file():
+        if location.stat().st_size < 4096 and not location.read_bytes().strip():
+            raise UsageError(f"--dataset {location} is empty: no preference rows to train on.")
         dataset = load_dataset("json", data_files=str(location), split="train")
     elif isinstance(location, Path) or not hub_offline():
         dataset = load_dataset(str(location), split=split)
@@ -90,6 +92,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
         except Exception as err:  # datasets' offline errors vary; the cause is one
             raise HubAccessError(f"--dataset {location!r} is not a local path and HF_HUB_OFFLINE=1 forbids "
                                  "downloading it from the Hub (it is not in the datasets cache).") from err
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset {location}: split {split!r} has no rows to train on.")
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset

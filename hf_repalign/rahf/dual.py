@@ -30,7 +30,7 @@ from .instructions import instructed_template
 from .scit import seed_before_init
 from .step1_card import local_base, step1_base_id, write_step1_card
 from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, save_training_args, targets_embeddings
-from .validation import require_finite_weights, write_signature
+from .validation import check_lora_rank, require_finite_weights, require_rows, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -138,7 +138,9 @@ def train_dual(
     resume_sides = resume_each_side(args.resume_from_checkpoint)
     root = Path(args.output_dir)
     peft_model = None
+    require_rows(train_dataset, "Dual")
     if peft_config is not None:
+        check_lora_rank(model, peft_config)
         seed_before_init(args)
         peft_model = get_peft_model(model, peft_config, adapter_name="good")
         peft_model.add_adapter("bad", peft_config)

@@ -36,7 +36,7 @@ from .instructions import instructed_template
 from .scit_config import SCITConfig
 from .step1_card import hub_base, local_base, step1_base_id, write_step1_card
 from .trainer_mixin import RAHFTrainerMixin, save_training_args
-from .validation import require_finite_weights, write_signature
+from .validation import check_lora_rank, require_finite_weights, require_rows, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -232,10 +232,12 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         args = args or SCITConfig(output_dir="scit_output")
         if not isinstance(args, SCITConfig):
             raise TypeError(f"args must be an SCITConfig, got {type(args).__name__}.")
+        require_rows(train_dataset, "SCIT")
         model, tokenizer = load_causal_lm(model, processing_class)
         if peft_config is not None:
             from peft import get_peft_model
 
+            check_lora_rank(model, peft_config)
             seed_before_init(args)
             model = get_peft_model(model, peft_config)
         train_dataset, eval_dataset = prepare_train_eval(

@@ -56,6 +56,8 @@ from .trainer_mixin import RAHFTrainerMixin, save_training_args, targets_embeddi
 from .validation import (
     base_signature,
     check_adapter_folder,
+    check_lora_rank,
+    require_rows,
     require_finite_weights,
     write_signature,
 )
@@ -261,6 +263,7 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             raise ValueError("give `instructed` or `args.precomputed_targets`, not both: precomputed targets replace "
                              "the instructed model(s), which are then not loaded.")
         items = self._instructed_items(instructed, args)
+        require_rows(train_dataset, "RAHF")
         if args.lora_on == "instructed" and items and is_full_model(items[0]):
             # The step-1 model is a full model: the LoRA trains on it, so the base is never loaded beside it.
             if isinstance(model, nn.Module) and model is not items[0]:
@@ -282,6 +285,7 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             # Blocks above the top target layer never run: leaving them out saves memory and keeps DDP happy.
             peft_config = copy.deepcopy(peft_config)
             peft_config.layers_to_transform = list(range(max(self.layers)))
+        check_lora_rank(model, peft_config)
         seed_before_init(args)  # Trainer.__init__ seeds only later: `seed` must cover the fresh LoRA's init
         existing: list[str] = []
         if isinstance(model, PeftModel):

@@ -57,6 +57,29 @@ def require_training_numbers(args: Any) -> None:
     require_number("adam_epsilon", args.adam_epsilon, low=0.0)
 
 
+def require_rows(dataset: Any, what: str) -> None:
+    """Refuse an empty training set by name, before its rows are tokenized (and then blamed on a length limit)."""
+    if dataset is not None and len(dataset) == 0:
+        raise ValueError(f"{what}: train_dataset is empty (0 rows); give preference rows with prompt, chosen and "
+                         "rejected.")
+
+
+def check_lora_rank(model: nn.Module, peft_config: Any) -> None:
+    """Refuse a LoRA rank no layer of ``model`` can use (above min(in, out) of its widest linear layer) before peft
+    allocates it: ``r=1e9`` would otherwise try to allocate hundreds of GB."""
+    ranks = [getattr(peft_config, "r", None), *(getattr(peft_config, "rank_pattern", None) or {}).values()]
+    limit = max((min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)),
+                default=None)
+    for rank in ranks:
+        if rank is None:
+            continue
+        require_number("LoRA rank r", rank, low=1, integer=True)
+        if limit is not None and rank > limit:
+            raise ValueError(f"LoRA rank r={rank} is larger than any layer of the model can use (at most {limit}, "
+                             f"min(in, out) of its widest linear layer); choose r <= {limit} (--lora_r / --peft_r; "
+                             "the authors use 8).")
+
+
 def require_finite_weights(weights: nn.Module | Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse to save ``weights`` (a model's trainable parameters, or a state dict) when any is NaN or infinite."""
     named = (weights.items() if isinstance(weights, Mapping)
