@@ -1,7 +1,5 @@
 """Bad input to RAHF's steps gets a clear error naming the problem: an empty dataset, a LoRA rank no layer can use."""
 
-import json
-
 import pytest
 from peft import LoraConfig
 
@@ -9,7 +7,7 @@ from hf_repalign import cli
 from hf_repalign.rahf import DualConfig, SCITConfig, SCITTrainer, train_dual
 from hf_repalign.testing import tiny_model
 
-from rahf_helpers import ROWS, make_trainer, scit_adapter  # noqa: F401
+from rahf_helpers import ROWS, make_trainer, scit_adapter, write_model_and_data  # noqa: F401
 
 
 def test_an_empty_dataset_is_named_as_such_not_blamed_on_max_prompt_length(tmp_path, tokenizer, scit_adapter):
@@ -56,14 +54,15 @@ def test_a_huge_lora_rank_is_refused_before_allocation(tmp_path, tokenizer, scit
 
 
 def test_cli_refuses_a_huge_rank_in_one_line(tmp_path, tokenizer, capsys):
-    model_dir = tmp_path / "model"
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    model_dir, data = write_model_and_data(tmp_path, tokenizer)
     assert cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--dataset", str(data), "--use_peft",
                      "--peft_r", "1000000000", "--output_dir", str(tmp_path / "o"), "--report_to", "none",
                      "--use_cpu"]) != 0
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("repalign: error:")]
     assert len(errors) == 1 and "LoRA rank r=1000000000" in errors[0] and "Traceback" not in err
+
+
+def test_dual_refuses_push_to_hub_instead_of_ignoring_it():
+    with pytest.raises(ValueError, match="push_to_hub: train_dual writes two models"):
+        DualConfig(output_dir="x", push_to_hub=True, hub_model_id="user/dual")

@@ -9,6 +9,8 @@ from peft import PeftModel
 from hf_repalign import cli
 from hf_repalign.testing import tiny_model
 
+from rahf_helpers import write_model_and_data
+
 ROWS = [
     {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, obviously!!"},
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."},
@@ -18,11 +20,7 @@ ROWS = [
 
 @pytest.fixture()
 def setup(tmp_path, tokenizer):
-    model_dir = tmp_path / "model"
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    model_dir, data = write_model_and_data(tmp_path, tokenizer, ROWS)
     common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--report_to", "none", "--use_cpu",
               "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no"]
     return tmp_path, model_dir, common

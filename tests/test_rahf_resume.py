@@ -1,7 +1,6 @@
 """`repalign rahf scit | dual | align --resume_from_checkpoint` resumes (only the remaining steps run) and ends
 bit-identical to an uninterrupted run; Dual runs on a CPU with its defaults; bad optimizer numbers are refused."""
 
-import json
 import shutil
 
 import pytest
@@ -10,18 +9,13 @@ from safetensors.torch import load_file
 
 from hf_repalign import cli
 from hf_repalign.rahf import trainer_mixin
-from hf_repalign.testing import tiny_model
 
-from rahf_helpers import ROWS
+from rahf_helpers import write_model_and_data
 
 
 @pytest.fixture()
 def setup(tmp_path, tokenizer, monkeypatch):
-    model_dir = tmp_path / "model"
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    model_dir, data = write_model_and_data(tmp_path, tokenizer)
     common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--report_to", "none", "--use_cpu",
               "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "2", "--seed", "3"]
     steps = []

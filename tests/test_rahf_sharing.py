@@ -63,7 +63,7 @@ def test_default_save_loads_alone_as_the_trained_model_with_plain_peft(tmp_path,
     output = _load_plain(out, base_dir, "adapter", tmp_path)
     assert "AutoPeftModelForCausalLM" in output and "PeftModel" in output and output.strip().endswith("ok")
     # the card's snippet loads the folder by its absolute path: it runs from any directory
-    assert f'AutoPeftModelForCausalLM.from_pretrained("{out.absolute()}")' in (out / "README.md").read_text()
+    assert f'PeftModel.from_pretrained(base, "{out.absolute()}")' in (out / "README.md").read_text()
 
 
 def test_merged_save_is_a_plain_transformers_model_equal_to_the_trained_one(tmp_path, tokenizer, base_dir):
@@ -198,9 +198,16 @@ def test_cli_align_push_uploads_once_at_the_end(tmp_path, tokenizer, base_dir, f
     _one_clean_upload(fake_hub, "user/rahf", "org/tiny-llama")
 
 
-def test_scit_push_and_save_are_hub_ready(tmp_path, tokenizer, base_dir, fake_hub):
+def test_scit_push_and_save_are_hub_ready(tmp_path, tokenizer, base_dir, fake_hub, monkeypatch):
+    from peft.utils import save_and_load
+
     from hf_repalign.rahf import SCITConfig, SCITTrainer
     from rahf_helpers import ROWS
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked during an adapter save")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub)
 
     args = SCITConfig(output_dir=str(tmp_path / "scit_out"), report_to="none", use_cpu=True, max_steps=1,
                       per_device_train_batch_size=2, save_strategy="no", hub_model_id="user/scit",

@@ -38,6 +38,10 @@ class DualConfig(SFTConfig):
             self.bf16 = False  # TRL's default (bf16) needs a bf16 GPU; without one, train in float32
         super().__post_init__()
         require_training_numbers(self)
+        if self.push_to_hub:
+            raise ValueError("push_to_hub: train_dual writes two models (output_dir/good and output_dir/bad), each "
+                             "saved Hub-ready with its card and tokenizer; upload each with `hf upload "
+                             "user/name output_dir/good` (or PeftModel.push_to_hub) instead.")
 
 
 def resume_each_side(value: str | bool | None) -> bool:

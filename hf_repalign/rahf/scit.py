@@ -35,7 +35,7 @@ from ..models import load_model_and_tokenizer, resolve_model_path
 from .instructions import instructed_template
 from .scit_config import SCITConfig
 from .step1_card import hub_base, local_base, step1_base_id, write_step1_card
-from .trainer_mixin import RAHFTrainerMixin, save_training_args
+from .trainer_mixin import RAHFTrainerMixin, save_training_args, targets_embeddings
 from .validation import check_lora_rank, require_finite_weights, require_rows, write_signature
 
 logger = logging.get_logger(__name__)
@@ -267,7 +267,12 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
     def _write(self, folder: Path, repo_id: str, base: str | None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         require_finite_weights(model, "SCIT model")
-        with hub_base(model, base):
+        if hasattr(model, "peft_config"):
+            with hub_base(model, base):  # peft's "auto" embedding check would ask the Hub about that base
+                model.save_pretrained(str(folder), state_dict=state_dict, save_embedding_layers=targets_embeddings(
+                    model.peft_config[model.active_adapter]))
+            self.processing_class.save_pretrained(str(folder))
+        else:
             Trainer._save(self, str(folder), state_dict)  # weights, config, tokenizer
         save_training_args(self.args, folder)
         if hasattr(model, "peft_config"):  # an adapter: record its base
