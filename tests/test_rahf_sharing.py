@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -100,6 +100,36 @@ def test_dual_default_save_folds_the_good_adapter(tmp_path, tokenizer, base_dir)
         expected = trainer.model.eval()(input_ids=IDS).logits
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
         torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_default_save_of_the_embedded_model_loads_as_trained(tmp_path, embedded):
+    """SmolLM2-135M: a random step-1 LoRA on all linear layers, two RAHF steps on it, then the saved adapter alone
+    (plain peft, fresh process) against the trained model; the RAHF LoRA alone is far from it."""
+    from hf_repalign.models import load_model_and_tokenizer
+    from rahf_helpers import ROWS
+
+    fresh = lambda: load_model_and_tokenizer()[0]  # noqa: E731
+    _, tokenizer = embedded
+    step1 = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)  # non-zero
+    get_peft_model(fresh(), step1).save_pretrained(str(tmp_path / "scit"))
+    model = fresh()
+    base_dir = model.config.name_or_path
+    trainer = make_trainer(tmp_path, tokenizer, str(tmp_path / "scit"), model=model, rows=ROWS, max_steps=2,
+                           learning_rate=1e-3, target_layers=None, max_response_tokens=16)
+    trainer.train()
+    ids = tokenizer("How can I get better sleep? Try a regular schedule.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = trainer.model.eval()(input_ids=ids).logits
+    save_file({"input_ids": ids, "logits": logits.contiguous()}, str(tmp_path / "expected.safetensors"))
+    out = trainer.save_pretrained(tmp_path / "rahf")
+    print(_load_plain(out, base_dir, "peftmodel", tmp_path))
+    stacked = trainer.save_pretrained(tmp_path / "stacked", save_as="stacked")
+    with torch.no_grad():
+        alone = PeftModel.from_pretrained(fresh(), str(stacked)).eval()(input_ids=ids).logits
+    print(f"RAHF LoRA alone: max |logit diff| {(alone - logits).abs().max().item():.3g}")
+    assert (alone - logits).abs().max() > 1e-2
 
 
 def test_save_as_is_checked():
