@@ -228,6 +228,23 @@ def test_cli_align_push_uploads_once_at_the_end(tmp_path, tokenizer, base_dir, f
     _one_clean_upload(fake_hub, "user/rahf", "org/tiny-llama")
 
 
+def test_cli_scit_push_uploads_once_and_the_card_names_the_folder(tmp_path, tokenizer, base_dir, fake_hub):
+    from hf_repalign import cli
+    from rahf_helpers import ROWS
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    out = tmp_path / "scit_cli"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")  # a foreign README: replaced only with --overwrite
+    assert cli.main(["rahf", "scit", "--model_name_or_path", str(base_dir), "--dataset", str(data), "--report_to",
+                     "none", "--use_cpu", "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps",
+                     "1", "--use_peft", "--output_dir", str(out), "--overwrite", "--push_to_hub", "--hub_model_id",
+                     "user/scit", "--base_model", "org/tiny-llama"]) == 0
+    _one_clean_upload(fake_hub, "user/scit", "org/tiny-llama")
+    assert f'PeftModel.from_pretrained(base, "{out.absolute()}")' in (out / "README.md").read_text()
+
+
 def test_scit_push_and_save_are_hub_ready(tmp_path, tokenizer, base_dir, fake_hub, monkeypatch):
     from peft.utils import save_and_load
 

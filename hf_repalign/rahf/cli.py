@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import UsageError
-from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, atomic_folder, check_target, check_writable,
+from ..hub import (PEFT_ADAPTER, TRANSFORMERS_MODEL, HubAccessError, check_target, check_writable,
                    hub_offline, local_or_repo_id, refuse_inputs)
 from .dual_config import DualConfig, resume_each_side
 from .rahf_config import RAHFConfig
@@ -159,11 +159,9 @@ def run_scit(args: SCITCommand) -> int:
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
     trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
-    if args.overwrite:  # save into a staging folder the user allowed to replace clashing files of
-        with atomic_folder(args.output_dir, kind, overwrite=True) as tmp:
-            trainer.save_model(str(tmp))
-    else:
-        trainer.save_model(args.output_dir)
+    trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
+    if args.push_to_hub:
+        trainer.push_to_hub()
     print(f"SCIT model saved to {args.output_dir}")
     return 0
 

@@ -283,9 +283,17 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:  # only here for the collectives of a sharded save
             return Trainer._save(self, output_dir, state_dict)
+        self.save_pretrained(output_dir, state_dict=state_dict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False,
+                        state_dict: dict | None = None) -> Path:
+        """Write the model (an adapter or full weights), tokenizer, ``training_args.json`` and card into
+        ``save_directory`` as one atomic save that keeps the folder's other files; a folder holding something else
+        is refused unless ``overwrite=True``. ``save_model()`` does the same into ``args.output_dir``."""
         kind = PEFT_ADAPTER if hasattr(self.accelerator.unwrap_model(self.model), "peft_config") else TRANSFORMERS_MODEL
-        with atomic_folder(output_dir, kind) as tmp:
-            self._write(tmp, str(Path(output_dir).absolute()), self.base_model_id(), state_dict)
+        with atomic_folder(save_directory, kind, overwrite) as tmp:
+            self._write(tmp, str(Path(save_directory).absolute()), self.base_model_id(), state_dict)
+        return Path(save_directory)
 
     def _push_folder(self, folder: Path, repo_id: str) -> None:
         """Write what ``push_to_hub`` uploads into the empty ``folder``: the model with its Hub-id base."""
