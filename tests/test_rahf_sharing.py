@@ -267,7 +267,7 @@ def test_scit_push_and_save_are_hub_ready(tmp_path, tokenizer, base_dir, fake_hu
     assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
     assert "RAHF step 1: SCIT" in (saved / "README.md").read_text() and (saved / "tokenizer.json").is_file()
     assert not (saved / "training_args.bin").exists()
-    assert trainer.push_to_hub("Upload SCIT") == "https://huggingface.co/user/scit/commit/0"
+    assert trainer.push_to_hub("Upload SCIT", tags=["x"]) == "https://huggingface.co/user/scit/commit/0"
     _one_clean_upload(fake_hub, "user/scit", "org/tiny-llama")
 
 

@@ -20,14 +20,18 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from ..hub import push_folder
+
+logger = logging.get_logger(__name__)
 
 
 def targets_embeddings(peft_config) -> bool:
@@ -141,6 +145,11 @@ class HubMixin:
         if revision not in (None, "main"):
             raise ValueError(f"push_to_hub uploads to the main branch; revision={revision!r} is not supported.")
         repo_id = kwargs.pop("repo_id", None) or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        accepted = inspect.signature(self._push_folder).parameters
+        ignored = sorted(k for k in kwargs if k not in accepted)
+        if ignored:  # Trainer passes these to its generic model card; ours is written from the run itself
+            logger.warning(f"push_to_hub: ignoring {', '.join(ignored)} (the model card is written from the run).")
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         with tempfile.TemporaryDirectory() as tmp:
             self._push_folder(Path(tmp), repo_id, **kwargs)  # on every process: a ZeRO-3 gather is collective
             if not self.args.should_save:
