@@ -4,8 +4,8 @@
 
 Uses the first ``--rows`` pairs of HH-RLHF helpful-base: from ``--data PATH`` / ``$HF_REPALIGN_DATA`` (a folder with
 ``hh-rlhf/helpful-base/test.jsonl.gz``), else the Hub's ``Anthropic/hh-rlhf``, else the small sample shipped with
-hf_repalign. The saved adapters are standard PEFT folders; the final model is the base with the SCIT adapter and the
-RAHF adapter stacked (``stack_adapters``, a few lines of plain PEFT).
+hf_repalign. The saved adapters are standard PEFT folders; the RAHF adapter has the SCIT adapter it was trained on
+folded in, so ``PeftModel.from_pretrained(base, folder)`` alone is the trained model.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 
 from hf_repalign.data_files import DataNotFoundError, add_data_argument, load_hh_rlhf
 from hf_repalign.models import load_model_and_tokenizer
-from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer, stack_adapters
+from hf_repalign.rahf import RAHFConfig, RAHFTrainer, SCITConfig, SCITTrainer
 
 
 def main(argv=None) -> str:
@@ -42,7 +42,7 @@ def main(argv=None) -> str:
                        train_dataset=rows, processing_class=tokenizer,
                        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     scit.train()
-    scit.model.save_pretrained(str(out / "scit"))
+    scit.save_model(str(out / "scit"))  # adapter, tokenizer and card
 
     # Step 2: a fresh LoRA on the SCIT model (the adapter stays active under it, as in the authors' scripts) moves
     # the target layers along A(p+) - A(p-) of the SCIT model.
@@ -52,10 +52,10 @@ def main(argv=None) -> str:
                        train_dataset=rows, processing_class=tokenizer, instructed=str(out / "scit"))
     rahf.train()
     folder = rahf.save_pretrained(out / "rahf_adapter")
-    print(f"RAHF adapter (standard PEFT) in {folder}; layers {rahf.layers}")
+    print(f"RAHF adapter (standard PEFT, the SCIT adapter folded in) in {folder}; layers {rahf.layers}")
 
-    # Use it with plain transformers + peft: the base with the SCIT adapter and the RAHF adapter stacked.
-    aligned = stack_adapters(load_model_and_tokenizer()[0], [out / "scit", folder])
+    # Use it with plain transformers + peft: one adapter on the base is the trained model.
+    aligned = PeftModel.from_pretrained(load_model_and_tokenizer()[0], str(folder)).eval()
     messages = [{"role": "user", "content": "How can I get better sleep?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)

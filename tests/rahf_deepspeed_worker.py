@@ -57,7 +57,10 @@ def train(adapter: str, model_folder: str, out: str, stage: int) -> None:
     lora = [(name, p) for name, p in model.named_parameters() if ".default." in name]
     with deepspeed.zero.GatheredParameters([p for _, p in lora]):  # a no-op below ZeRO-3
         weights = {name: p.detach().clone().contiguous() for name, p in lora}
-    trainer.save_pretrained(os.path.join(out, "adapter"))  # every process: ZeRO-3 gathers the adapter
+    # every process: ZeRO-3 gathers the adapters; "stacked" is the trained LoRA alone, the default folds the step-1
+    # adapter in (its weights gathered too)
+    trainer.save_pretrained(os.path.join(out, "adapter"), save_as="stacked")
+    trainer.save_pretrained(os.path.join(out, "combined"))
     rank = trainer.args.process_index
     save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
     report = {"refused": None}

@@ -31,6 +31,18 @@ def scit_adapter(tmp_path_factory, tokenizer):
     return str(path)
 
 
+def write_model_and_data(tmp_path, tokenizer, rows=ROWS):
+    """A tiny base saved with its tokenizer and the rows as a .jsonl file: what the CLI tests train on."""
+    import json
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return model_dir, data
+
+
 def make_args(tmp_path, **kw) -> RAHFConfig:
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
                 save_strategy="no", preferred_instruction=P_POS, dispreferred_instruction=P_NEG, seed=0,

@@ -85,7 +85,7 @@ def test_rahf_adapter_records_the_hub_id_and_its_card_snippet_runs(tmp_path, mod
     assert _metadata(card) | {"tags": None} == {"base_model": HUB_ID, "library_name": "peft",
                                                 "datasets": ["Anthropic/hh-rlhf"], "tags": None}
     assert {"hf_repalign", "rahf"} <= set(_metadata(card)["tags"])
-    assert (f'"{scit_adapter}", adapter_name="step1"' in card) == (lora_on == "instructed")
+    assert 'adapter_name="step1"' not in card  # one adapter: the step-1 adapter is folded in
     _run_card_snippets(card, {HUB_ID: str(model_dir)}, tmp_path)
 
 
@@ -97,7 +97,7 @@ def test_rahf_adapter_of_a_local_model_needs_base_model_to_push(tmp_path, model_
     assert "base_model" not in _metadata((folder / "README.md").read_text())
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     with pytest.raises(ValueError, match="pass base_model="):
-        trainer.push_to_hub("me/adapter")
+        trainer.push_to_hub(repo_id="me/adapter")
 
 
 def test_rahf_push_to_hub_at_the_hub_boundary(tmp_path, model_dir, scit_adapter, monkeypatch):
@@ -121,8 +121,9 @@ def test_rahf_push_to_hub_at_the_hub_boundary(tmp_path, model_dir, scit_adapter,
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
     (tmp_path / "out" / "thesis.tex").write_text("not for the Hub")
     with pytest.raises(ValueError, match="push those first"):  # stacked on a local step-1 adapter
-        trainer.push_to_hub("me/adapter")
-    assert trainer.push_to_hub("me/adapter", stacked_on=["me/scit"]) == "url"
+        trainer.push_to_hub(repo_id="me/adapter", save_as="stacked")
+    assert trainer.push_to_hub("Upload RAHF adapter", repo_id="me/adapter", save_as="stacked",
+                               stacked_on=["me/scit"]) == "url"
     (create, (_, repo, message, files, card)) = calls
     assert create == ("create_repo", "me/adapter", True) and (repo, message) == ("me/adapter", "Upload RAHF adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.json"} <= set(files)
@@ -132,7 +133,7 @@ def test_rahf_push_to_hub_at_the_hub_boundary(tmp_path, model_dir, scit_adapter,
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
-        trainer.push_to_hub("me/adapter", stacked_on=["me/scit"])
+        trainer.push_to_hub(repo_id="me/adapter", save_as="stacked", stacked_on=["me/scit"])
 
 
 def test_align_keeps_checkpoints_and_other_files_of_the_output_dir(tmp_path, model_dir, scit_adapter):

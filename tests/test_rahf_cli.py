@@ -9,6 +9,8 @@ from peft import PeftModel
 from hf_repalign import cli
 from hf_repalign.testing import tiny_model
 
+from rahf_helpers import write_model_and_data
+
 ROWS = [
     {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, obviously!!"},
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."},
@@ -18,11 +20,7 @@ ROWS = [
 
 @pytest.fixture()
 def setup(tmp_path, tokenizer):
-    model_dir = tmp_path / "model"
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    model_dir, data = write_model_and_data(tmp_path, tokenizer, ROWS)
     common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--report_to", "none", "--use_cpu",
               "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no"]
     return tmp_path, model_dir, common
@@ -120,7 +118,7 @@ def test_authors_presets_end_to_end(setup, monkeypatch):
     # The byte-level test tokenizer makes the authors' instructions ~400 tokens, past the preset's 256.
     long_prompts = ["--max_prompt_length", "1000"]
     assert cli.main(["rahf", "align", *common, "--preset", "authors", *long_prompts, "--instructed",
-                     str(tmp_path / "scit"), "--output_dir", str(tmp_path / "rahf")]) == 0
+                     str(tmp_path / "scit"), "--output_dir", str(tmp_path / "rahf"), "--save_as", "stacked"]) == 0
     config = json.loads((tmp_path / "rahf" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and stacks[-1] == ["rahf_scit"]
 

@@ -315,7 +315,7 @@ def test_stacked_reload_of_the_authors_arrangement_matches_the_trained_model(tmp
 
     trainer = _trainer(tmp_path, tokenizer, scit_adapter, max_steps=2, learning_rate=1e-2)
     trainer.train()
-    out = trainer.save_pretrained(tmp_path / "rahf")
+    out = trainer.save_pretrained(tmp_path / "rahf", save_as="stacked")
     signature = json.loads((out / "hf_repalign_base.json").read_text())
     assert signature["lora_on"] == "instructed" and signature["stacked_on"] == [scit_adapter]
     reloaded = stack_adapters(tiny_model("llama", vocab_size=len(tokenizer)), [scit_adapter, out])

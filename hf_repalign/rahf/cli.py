@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cli import UsageError
-from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder, check_target
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, check_target
 from ..hub import HubAccessError, hub_offline, local_or_repo_id
 from ..outputs import check_writable, refuse_inputs
 from ..text_files import read_rows
-from .dual_config import DualConfig
+from .dual_config import DualConfig, resume_each_side
 from .rahf_config import RAHFConfig
 from .scit_config import SCITConfig
 
@@ -84,6 +84,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
     location = check_dataset(path, split)
     if isinstance(location, Path) and location.is_file():  # read here: bad bytes are named by file and line
         rows = read_rows(location, "--dataset")
+        if not rows:
+            raise UsageError(f"--dataset {location} is empty: no preference rows to train on.")
         dataset = Dataset.from_dict({key: [row.get(key) for row in rows]
                                      for key in dict.fromkeys(key for row in rows for key in row)})
     elif isinstance(location, Path) or not hub_offline():
@@ -94,6 +96,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
         except Exception as err:  # datasets' offline errors vary; the cause is one
             raise HubAccessError(f"--dataset {location!r} is not a local path and HF_HUB_OFFLINE=1 forbids "
                                  "downloading it from the Hub (it is not in the datasets cache).") from err
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset {location}: split {split!r} has no rows to train on.")
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
@@ -109,6 +113,24 @@ def _check_output(args: _Common, *kinds_and_folders) -> None:
         refuse_inputs(folder, "--output_dir", inputs)
         check_target(folder, kind, args.overwrite)
         check_writable(folder, "--output_dir")
+
+
+def _resume(args: _Common, folder: str | Path) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest ``checkpoint-N`` in ``folder``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("true", "latest", "last"):
+        last = get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: {folder} holds no checkpoint-N folder to resume from.")
+        return last
+    if not Path(value).is_dir():
+        raise UsageError(f"--resume_from_checkpoint: {value} is not a checkpoint folder; give one, or true for the "
+                         f"latest in {folder}.")
+    return value
 
 
 def _load(args: _Common):
@@ -140,12 +162,10 @@ def run_scit(args: SCITCommand) -> int:
     model, tokenizer = _load(args)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
-    trainer.train()
-    if args.overwrite:  # save into a staging folder the user allowed to replace clashing files of
-        with atomic_folder(args.output_dir, kind, overwrite=True) as tmp:
-            trainer.save_model(str(tmp))
-    else:
-        trainer.save_model(args.output_dir)
+    trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
+    trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
+    if args.push_to_hub:
+        trainer.push_to_hub()
     print(f"SCIT model saved to {args.output_dir}")
     return 0
 
@@ -155,6 +175,7 @@ def run_dual(args: DualCommand) -> int:
 
     kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
     _check_output(args, *((kind, Path(args.output_dir) / side) for side in ("good", "bad")))
+    resume_each_side(args.resume_from_checkpoint)  # a bad value fails before any work
     rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
     model, tokenizer = _load(args)
     folders = train_dual(model, tokenizer, rows, _config(args, DualConfig),
@@ -185,9 +206,9 @@ def run_align(args: AlignCommand) -> int:
         model, tokenizer = _load(args)
     trainer = RAHFTrainer(model, _config(args, RAHFConfig), train_dataset=rows, processing_class=tokenizer,
                           instructed=instructed)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
         trainer.push_to_hub()
-    print(f"RAHF adapter saved to {args.output_dir}")
+    print(f"RAHF {'model (merged)' if args.save_as == 'merged' else 'adapter'} saved to {args.output_dir}")
     return 0

@@ -25,12 +25,12 @@ from trl import SFTTrainer
 
 from ..formats import encode_pair, to_triplet
 from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
-from .dual_config import DualConfig
+from .dual_config import DualConfig, resume_each_side
 from .instructions import instructed_template
 from .scit import seed_before_init
-from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, targets_embeddings
-from .validation import require_finite_weights, write_signature
-from .trainer_mixin import save_training_args
+from .step1_card import local_base, step1_base_id, write_step1_card
+from .trainer_mixin import AtomicCheckpointMixin, FiniteLossMixin, save_training_args, targets_embeddings
+from .validation import check_lora_rank, require_finite_weights, require_rows, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -84,8 +84,9 @@ def dual_dataset(dataset: Any, tokenizer: Any, side: str, instruction: str = "",
     )
 
 
-def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
-    """A standard adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for adapter ``name``."""
+def _save_adapter(peft_model: Any, name: str, directory: Path, base: str | None) -> None:
+    """A standard adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for adapter ``name``,
+    naming ``base`` (a Hub id; else the local path) as its base model."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -96,6 +97,7 @@ def _save_adapter(peft_model: Any, name: str, directory: Path) -> None:
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(peft_model.peft_config[name])
     config.inference_mode = True
+    config.base_model_name_or_path = base or local_base(peft_model)
     config.save_pretrained(str(directory))
     write_signature(directory, peft_model)
 
@@ -120,8 +122,12 @@ def train_dual(
     With ``peft_config`` the model gains two adapters ``"good"`` and ``"bad"`` in place (a ``PeftModel`` is
     returned in ``trainer_kwargs``-free form via the folders); otherwise each side fine-tunes its own copy.
     ``overwrite=True`` lets the saves replace clashing files in ``output_dir/good`` and ``output_dir/bad`` (other
-    files there are kept either way).
+    files there are kept either way). With ``args.resume_from_checkpoint`` true, each side resumes from its latest
+    checkpoint in ``output_dir/good_checkpoints`` / ``output_dir/bad_checkpoints`` (a side without one starts
+    afresh).
     """
+    from transformers.trainer_utils import get_last_checkpoint
+
     from peft import get_peft_model
 
     if tokenizer.pad_token is None:
@@ -129,9 +135,12 @@ def train_dual(
     if args.truncation_mode != "keep_start":
         raise ValueError("Dual supports truncation_mode='keep_start' only (its check that responses survive "
                          "max_length assumes it).")
+    resume_sides = resume_each_side(args.resume_from_checkpoint)
     root = Path(args.output_dir)
     peft_model = None
+    require_rows(train_dataset, "Dual")
     if peft_config is not None:
+        check_lora_rank(model, peft_config)
         seed_before_init(args)
         peft_model = get_peft_model(model, peft_config, adapter_name="good")
         peft_model.add_adapter("bad", peft_config)
@@ -151,17 +160,23 @@ def train_dual(
                              processing_class=tokenizer, **trainer_kwargs)
         if peft_model is None and _sharded(trainer):
             raise ValueError("full fine-tuning Dual cannot save under FSDP / DeepSpeed ZeRO-3; pass a peft_config.")
-        trainer.train()
+        checkpoints = Path(side_args.output_dir)
+        resume = get_last_checkpoint(str(checkpoints)) if resume_sides and checkpoints.is_dir() else None
+        trainer.train(resume_from_checkpoint=resume)
         folders[name] = root / name
         if trainer.args.should_save:
             kind = PEFT_ADAPTER if peft_model is not None else TRANSFORMERS_MODEL
+            base = step1_base_id(trained, args.base_model)
             with atomic_folder(folders[name], kind, overwrite=overwrite) as tmp:
                 if peft_model is not None:
-                    _save_adapter(peft_model, name, tmp)
+                    _save_adapter(peft_model, name, tmp, base)
+                    tokenizer.save_pretrained(str(tmp))
                 else:
                     require_finite_weights(trained, f"Dual {name} model")
-                    trainer._save(str(tmp))  # full weights on the main process (sharded setups are refused above)
-                    save_training_args(trainer.args, tmp)  # JSON, not Trainer's pickle
+                    trainer._save(str(tmp))  # full weights + tokenizer (sharded setups are refused above)
+                save_training_args(trainer.args, tmp)  # JSON, not Trainer's pickle
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the loss history
+                write_step1_card(tmp, f"Dual {name}", trained, args, str(folders[name].absolute()), base,
+                                 trainer.state.global_step)
         logger.info(f"Dual: the {name} model ({side} responses) is in {folders[name]}.")
     return folders

@@ -14,9 +14,10 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .export import SAVE_AS
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 from .patterns import PAPER_LAYERS, SCIT_SCRIPT_LAYERS
-from .validation import require_number
+from .validation import require_number, require_training_numbers
 
 logger = logging.get_logger(__name__)
 
@@ -93,6 +94,10 @@ class RAHFConfig(TrainingArguments):
         "help": "Hub id of the base model, recorded in adapter_config.json and the card; default: taken from the "
                 "model (the embedded model is HuggingFaceTB/SmolLM2-135M-Instruct). Needed to push an adapter "
                 "trained on a local folder whose config records no Hub id."})
+    save_as: str = field(default="adapter", metadata={
+        "help": "What save_pretrained / save_model / push_to_hub write: 'adapter' (one LoRA that plain peft loads "
+                "as the trained model, the step-1 adapter folded in), 'merged' (a plain transformers model) or "
+                "'stacked' (the RAHF LoRA alone, to load on top of its step-1 adapter)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAHF needs its own columns."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "LoRA is limited to layers below the top target, so all are used."}
@@ -102,12 +107,13 @@ class RAHFConfig(TrainingArguments):
         self._apply_preset()
         super().__post_init__()
         choices = {"method": ("scit", "dual"), "loss_type": ("l2", "mse"), "lora_on": ("instructed", "base"),
-                   "stimulus_response": ("chosen", "rejected", "both", "random")}
+                   "stimulus_response": ("chosen", "rejected", "both", "random"),
+                   "save_as": SAVE_AS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         require_number("alpha", self.alpha, low=0.0)
-        require_number("learning_rate", self.learning_rate, low=0.0)
+        require_training_numbers(self)
         require_number("max_response_tokens", self.max_response_tokens, low=1, integer=True)
         require_number("max_prompt_length", self.max_prompt_length, low=1, integer=True)
         require_number("lora_r", self.lora_r, low=1, integer=True)

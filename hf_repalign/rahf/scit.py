@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,11 +30,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
+from ..hub import require_base_model
 from ..models import load_model_and_tokenizer, resolve_model_path
 from .instructions import instructed_template
 from .scit_config import SCITConfig
-from .trainer_mixin import RAHFTrainerMixin
-from .validation import require_finite_weights, write_signature
+from .step1_card import hub_base, local_base, step1_base_id, write_step1_card
+from .trainer_mixin import RAHFTrainerMixin, save_training_args, targets_embeddings
+from .validation import check_lora_rank, require_finite_weights, require_rows, write_signature
 
 logger = logging.get_logger(__name__)
 
@@ -229,10 +233,12 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         args = args or SCITConfig(output_dir="scit_output")
         if not isinstance(args, SCITConfig):
             raise TypeError(f"args must be an SCITConfig, got {type(args).__name__}.")
+        require_rows(train_dataset, "SCIT")
         model, tokenizer = load_causal_lm(model, processing_class)
         if peft_config is not None:
             from peft import get_peft_model
 
+            check_lora_rank(model, peft_config)
             seed_before_init(args)
             model = get_peft_model(model, peft_config)
         train_dataset, eval_dataset = prepare_train_eval(
@@ -253,11 +259,49 @@ class SCITTrainer(RAHFTrainerMixin, Trainer):
         if self._signature_columns is None:
             self._signature_columns = list(SCIT_COLUMNS)
 
+    # ---- saving: Hub-ready (Hub-id base, tokenizer, card), atomic, no pickle ----
+
+    def base_model_id(self) -> str | None:
+        """The base model's Hub id: ``args.base_model``, else the one known for the model (None for a local one)."""
+        return step1_base_id(self.accelerator.unwrap_model(self.model), self.args.base_model)
+
+    def _write(self, folder: Path, repo_id: str, base: str | None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        require_finite_weights(model, "SCIT model")
+        if hasattr(model, "peft_config"):
+            with hub_base(model, base):  # peft's "auto" embedding check would ask the Hub about that base
+                model.save_pretrained(str(folder), state_dict=state_dict, save_embedding_layers=targets_embeddings(
+                    model.peft_config[model.active_adapter]))
+            self.processing_class.save_pretrained(str(folder))
+        else:
+            Trainer._save(self, str(folder), state_dict)  # weights, config, tokenizer
+        save_training_args(self.args, folder)
+        if hasattr(model, "peft_config"):  # an adapter: record its base
+            write_signature(folder, model)
+        write_step1_card(folder, "SCIT", model, self.args, repo_id, base, self.state.global_step)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        require_finite_weights(self.accelerator.unwrap_model(self.model), "SCIT model")
-        super()._save(output_dir, state_dict)
-        if hasattr(self.model, "peft_config") and self.args.should_save:  # an adapter: record its base
-            write_signature(output_dir if output_dir is not None else self.args.output_dir, self.model)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:  # only here for the collectives of a sharded save
+            return Trainer._save(self, output_dir, state_dict)
+        self.save_pretrained(output_dir, state_dict=state_dict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False,
+                        state_dict: dict | None = None) -> Path:
+        """Write the model (an adapter or full weights), tokenizer, ``training_args.json`` and card into
+        ``save_directory`` as one atomic save that keeps the folder's other files; a folder holding something else
+        is refused unless ``overwrite=True``. ``save_model()`` does the same into ``args.output_dir``."""
+        kind = PEFT_ADAPTER if hasattr(self.accelerator.unwrap_model(self.model), "peft_config") else TRANSFORMERS_MODEL
+        with atomic_folder(save_directory, kind, overwrite) as tmp:
+            self._write(tmp, str(Path(save_directory).absolute()), self.base_model_id(), state_dict)
+        return Path(save_directory)
+
+    def _push_folder(self, folder: Path, repo_id: str) -> None:
+        """Write what ``push_to_hub`` uploads into the empty ``folder``: the model with its Hub-id base."""
+        model = self.accelerator.unwrap_model(self.model)
+        base = require_base_model(self.args.base_model, self.base_model_id() or local_base(model), "SCIT model")
+        if self.args.should_save:
+            self._write(folder, repo_id, base)
 
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
-from .validation import require_number
+from .step1_card import base_model_field
+from .validation import require_number, require_training_numbers
 
 
 @dataclass
@@ -31,13 +32,14 @@ class SCITConfig(TrainingArguments):
     sft_weight: float = field(default=1.0, metadata={"help": "Weight of the P (likelihood) term of Eq. 1."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Skip rows whose instructed prompt is longer than N tokens."})
     max_length: int | None = field(default=None, metadata={"help": "Cut responses so prompt+response <= N."})
+    base_model: str | None = base_model_field()
     remove_unused_columns: bool = field(default=False, metadata={"help": "SCIT needs its own columns."})
 
     def __post_init__(self):
         super().__post_init__()
         require_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         require_number("sft_weight", self.sft_weight, low=0.0)
-        require_number("learning_rate", self.learning_rate, low=0.0)
+        require_training_numbers(self)
         for name in ("max_prompt_length", "max_length"):
             if getattr(self, name) is not None:
                 require_number(name, getattr(self, name), low=1, integer=True)

@@ -1,5 +1,6 @@
-"""Load a RAHF model trained the authors' way: the base, its step-1 adapter (SCIT, or Dual's good model) and the
-RAHF LoRA trained on top of it, stacked and all active (PEFT's multi-adapter LoRA: their updates add up).
+"""Load a RAHF model saved in the stacked form (``save_as="stacked"``): the base, its step-1 adapter (SCIT, or Dual's
+good model) and the RAHF LoRA trained on top of it, all active (PEFT's multi-adapter LoRA: their updates add up).
+The default save needs none of this: it folds the step-1 adapter into the one saved adapter.
 
 Example:
     >>> from hf_repalign.rahf import stack_adapters

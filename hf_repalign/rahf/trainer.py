@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.utils import logging
 
 from ..formats import encode_pair, to_triplet
 from ..hidden import num_hidden_layers
-from ..artifacts import PEFT_ADAPTER, atomic_folder
+from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
 from ..cards import base_model_fields, render_card
-from ..hub import base_model_id, is_repo_id, push_folder, require_base_model
+from ..hub import base_model_id, is_repo_id, require_base_model
+from .export import SAVE_AS, combined_lora, merged_model
 from .instructions import instructed_template
 from .patterns import (
     AdapterSwitch,
@@ -55,6 +57,8 @@ from .trainer_mixin import RAHFTrainerMixin, save_training_args, targets_embeddi
 from .validation import (
     base_signature,
     check_adapter_folder,
+    check_lora_rank,
+    require_rows,
     require_finite_weights,
     write_signature,
 )
@@ -260,6 +264,7 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             raise ValueError("give `instructed` or `args.precomputed_targets`, not both: precomputed targets replace "
                              "the instructed model(s), which are then not loaded.")
         items = self._instructed_items(instructed, args)
+        require_rows(train_dataset, "RAHF")
         if args.lora_on == "instructed" and items and is_full_model(items[0]):
             # The step-1 model is a full model: the LoRA trains on it, so the base is never loaded beside it.
             if isinstance(model, nn.Module) and model is not items[0]:
@@ -281,6 +286,7 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             # Blocks above the top target layer never run: leaving them out saves memory and keeps DDP happy.
             peft_config = copy.deepcopy(peft_config)
             peft_config.layers_to_transform = list(range(max(self.layers)))
+        check_lora_rank(model, peft_config)
         seed_before_init(args)  # Trainer.__init__ seeds only later: `seed` must cover the fresh LoRA's init
         existing: list[str] = []
         if isinstance(model, PeftModel):
@@ -458,38 +464,50 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         return write_targets(directory, items(), self.layers, shard_size,
                              base_signature(self.accelerator.unwrap_model(self.model)))
 
-    # ---- saving: a standard PEFT adapter (only the trained one) plus our model card; no pickle ----
+    # ---- saving: one plain-peft adapter (or a merged model, or the stacked form) plus our card; no pickle ----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # The Trainer's state_dict is ignored: the adapter is gathered from the model itself (ZeRO-3 included).
-        self.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+        # Checkpoints (and Trainer-internal saves) hold the trained LoRA alone, which resume_from_checkpoint loads
+        # back into it; the Trainer's state_dict is ignored: the adapter is gathered from the model (ZeRO-3 included).
+        self.save_pretrained(output_dir if output_dir is not None else self.args.output_dir, save_as="stacked")
 
     def base_model_id(self) -> str | None:
         """The base model's Hub id: ``args.base_model``, else the one known for the model (None for a local one)."""
         peft_model = self.accelerator.unwrap_model(self.model)
         return self.args.base_model or base_model_id(peft_model.base_model.model)
 
-    def _write(self, output_dir: Path, repo_id: str, base_model: str | None,
+    def _write(self, output_dir: Path, repo_id: str, base_model: str | None, save_as: str,
                stacked_on: list[str] | None = None) -> None:
         peft_model = self.accelerator.unwrap_model(self.model)
         config = peft_model.peft_config[ADAPTER]
-        local = config.base_model_name_or_path
         # A Hub id loads anywhere; without one, the local path still loads on this machine.
-        config.base_model_name_or_path = base_model or local
+        base = base_model or config.base_model_name_or_path
         require_finite_weights(peft_model, "RAHF adapter")
-        try:
-            peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER],
-                                       save_embedding_layers=targets_embeddings(config))
-        finally:
-            config.base_model_name_or_path = local
-        write_signature(output_dir, peft_model, lora_on=self.args.lora_on, stacked_on=self.stacked_on())
+        names = [*self.stack, ADAPTER]
+        if save_as == "merged":
+            merged_model(peft_model, names).save_pretrained(str(output_dir))
+        elif save_as == "adapter" and self.stack:
+            combined, tensors = combined_lora(peft_model, names, config)
+            combined.base_model_name_or_path = base
+            save_file(tensors, str(output_dir / "adapter_model.safetensors"))
+            combined.save_pretrained(str(output_dir))
+        else:
+            local, config.base_model_name_or_path = config.base_model_name_or_path, base
+            try:
+                peft_model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER],
+                                           save_embedding_layers=targets_embeddings(config))
+            finally:
+                config.base_model_name_or_path = local
+        stacked_on = (self.stacked_on() if stacked_on is None else stacked_on) if save_as == "stacked" else []
+        write_signature(output_dir, peft_model, lora_on=self.args.lora_on, save_as=save_as, stacked_on=stacked_on)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(output_dir))
         save_training_args(self.args, output_dir)
-        (output_dir / "README.md").write_text(self.model_card(repo_id, base_model, stacked_on), encoding="utf-8")
+        (output_dir / "README.md").write_text(self.model_card(repo_id, base_model, stacked_on, save_as),
+                                              encoding="utf-8")
 
     def stacked_on(self) -> list[str]:
-        """The step-1 adapter(s) this adapter works on top of (lora_on="instructed" on a step-1 adapter)."""
+        """The step-1 adapter(s) the trained LoRA works on top of (lora_on="instructed" on a step-1 adapter)."""
         return [str(self.positive.path or self.positive.adapters[0])] if self.stack and self.positive else self.stack
 
     def _gathered_adapter(self) -> contextlib.AbstractContextManager:
@@ -499,56 +517,63 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         import deepspeed
 
         peft_model = self.accelerator.unwrap_model(self.model)
-        adapter = [p for name, p in peft_model.named_parameters() if f".{ADAPTER}." in name]
-        return deepspeed.zero.GatheredParameters(adapter)  # a no-op for parameters ZeRO does not partition
+        adapters = [*self.stack, ADAPTER]
+        weights = [p for name, p in peft_model.named_parameters() if any(f".{a}." in name for a in adapters)]
+        return deepspeed.zero.GatheredParameters(weights)  # a no-op for parameters ZeRO does not partition
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the adapter, tokenizer, ``training_args.json`` and card into ``save_directory`` (main process only).
+    def _checked_save_as(self, save_as: str | None) -> str:
+        save_as = save_as or self.args.save_as
+        if save_as not in SAVE_AS:
+            raise ValueError(f"save_as must be one of {SAVE_AS}, got {save_as!r}.")
+        return save_as
 
-        One atomic save that keeps the folder's other files (``checkpoint-*`` included); a folder holding something
-        else (a model's weights) is refused unless ``overwrite=True``. Call it on every process: under DeepSpeed
-        ZeRO-3 the adapter is gathered from all of them first.
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False,
+                        save_as: str | None = None) -> Path:
+        """Write the trained model, tokenizer, ``training_args.json`` and card into ``save_directory`` (main
+        process only).
+
+        ``save_as`` (default ``args.save_as``): ``"adapter"``, one LoRA that plain peft loads as the trained model
+        (the step-1 adapter it was trained on is folded in); ``"merged"``, a plain transformers model
+        (``merge_and_unload``); ``"stacked"``, the RAHF LoRA alone, to load on top of its step-1 adapter (recorded
+        in ``hf_repalign_base.json`` and the card). One atomic save that keeps the folder's other files
+        (``checkpoint-*`` included); a folder holding something else is refused unless ``overwrite=True``. Call it
+        on every process: under DeepSpeed ZeRO-3 the adapter is gathered from all of them first.
         """
+        save_as = self._checked_save_as(save_as)
         target = Path(save_directory)
         with self._gathered_adapter():
             if self.args.should_save:
-                with atomic_folder(target, PEFT_ADAPTER, overwrite) as tmp:
-                    self._write(tmp, str(target), self.base_model_id(), self.stacked_on())
+                kind = TRANSFORMERS_MODEL if save_as == "merged" else PEFT_ADAPTER
+                with atomic_folder(target, kind, overwrite) as tmp:
+                    self._write(tmp, str(target.absolute()), self.base_model_id(), save_as)
         return target
 
-    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "Upload RAHF adapter",
-                    private: bool | None = None, token: str | None = None, stacked_on: list[str] | None = None,
-                    **kwargs) -> str | None:
-        """Upload the adapter, tokenizer and card (nothing else of ``output_dir``) to ``repo_id``.
+    def _save_final(self, output_dir: str) -> None:
+        self.save_pretrained(output_dir)
 
-        ``repo_id`` defaults to ``args.hub_model_id`` or the name of ``output_dir``. The base model must be known by
-        its Hub id (``args.base_model``), and so must a step-1 adapter this one is stacked on (``stacked_on``);
-        offline (``HF_HUB_OFFLINE=1``) this fails at once.
-        """
-        import tempfile
-
-        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
+    def _push_folder(self, folder: Path, repo_id: str, save_as: str | None = None,
+                     stacked_on: list[str] | None = None) -> None:
+        """Write what ``push_to_hub`` uploads (see ``HubMixin``) into the empty ``folder``."""
+        save_as = self._checked_save_as(save_as)
         base = require_base_model(self.args.base_model, self.base_model_id() or
                                   self.accelerator.unwrap_model(self.model).peft_config[ADAPTER]
                                   .base_model_name_or_path, "RAHF adapter")
-        stacked_on = list(stacked_on or self.stacked_on())
-        local = [s for s in stacked_on if Path(s).exists() or not is_repo_id(s)]
-        if local:
-            raise ValueError(f"this adapter works on top of the step-1 adapter(s) {local}; push those first and pass "
-                             "their Hub ids as stacked_on=['user/scit-adapter'] so that the card loads them.")
+        if save_as == "stacked":
+            stacked_on = list(stacked_on or self.stacked_on())
+            local = [s for s in stacked_on if Path(s).exists() or not is_repo_id(s)]
+            if local:
+                raise ValueError(f"this adapter works on top of the step-1 adapter(s) {local}; push those first and "
+                                 "pass their Hub ids as stacked_on=['user/scit-adapter'] so that the card loads "
+                                 "them, or push the default save_as='adapter', which needs no step-1 adapter.")
         with self._gathered_adapter():
-            if not self.args.should_save:
-                return None
-            with tempfile.TemporaryDirectory() as tmp:
-                self._write(Path(tmp), repo_id, base, stacked_on)
-                return push_folder(tmp, repo_id, private=self.args.hub_private_repo if private is None else private,
-                                   token=token or self.args.hub_token, commit_message=commit_message)
+            if self.args.should_save:
+                self._write(folder, repo_id, base, save_as, stacked_on)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Our card is part of every save (``save_pretrained``); Trainer's generic one is not written."""
 
     def model_card(self, repo_id: str | None = None, base_model: str | None = None,
-                   stacked_on: list[str] | None = None) -> str:
+                   stacked_on: list[str] | None = None, save_as: str | None = None) -> str:
         """The ``README.md`` card; its snippet loads the adapter from ``repo_id`` (a Hub id or a folder)."""
         peft_model = self.accelerator.unwrap_model(self.model)
         base = base_model or self.base_model_id()
@@ -557,7 +582,9 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
         if evals:
             metrics.update({k: round(v, 4) for k, v in evals[-1].items() if isinstance(v, float)})
-        card_data = {"library_name": "peft", "tags": ["rahf", "representation-engineering", "lora"],
+        save_as = self._checked_save_as(save_as)
+        card_data = {"library_name": "transformers" if save_as == "merged" else "peft",
+                     "tags": ["rahf", "representation-engineering", "lora"],
                      "base_model": base,
                      "datasets": [self.args.dataset_name] if is_repo_id(self.args.dataset_name or "") else None}
         return render_card(
@@ -573,6 +600,8 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
             num_examples=len(self.train_dataset) if self.train_dataset is not None else 0,
             steps=self.state.global_step,
             metrics=json.dumps(metrics) if metrics else "none logged",
-            stacked_on=self.stacked_on() if stacked_on is None else stacked_on,
+            stacked_on=(self.stacked_on() if stacked_on is None else stacked_on) if save_as == "stacked" else [],
+            save_as=save_as,
+            folded=self.stacked_on() if save_as != "stacked" else [],
             **base_model_fields(base, peft_model.peft_config[ADAPTER].base_model_name_or_path),
         )

@@ -11,7 +11,8 @@ micro-batch mean and the Trainer divides it by the accumulation steps.
 
 Saving: the final model is written with ``artifacts.atomic_folder`` (other files in the folder are kept, the training
 arguments as JSON instead of a pickle), and each checkpoint is built under a hidden name and renamed into place once
-complete, so ``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill.
+complete, so ``resume_from_checkpoint=True`` never picks a checkpoint cut short by a kill; ``save_model`` and
+``push_to_hub`` keep ``Trainer``'s signatures and upload one finished artifact once (``HubMixin``).
 
 Example:
     >>> class MyTrainer(RAHFTrainerMixin, Trainer):
@@ -20,14 +21,18 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
-from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, atomic_folder
+from ..hub import push_folder
+
+logger = logging.get_logger(__name__)
 
 
 def targets_embeddings(peft_config) -> bool:
@@ -96,7 +101,66 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
 
-class RAHFTrainerMixin(FiniteLossMixin, AtomicCheckpointMixin):
+class HubMixin:
+    """Mix into a ``Trainer`` subclass: ``save_model`` / ``push_to_hub`` with ``Trainer``'s signatures, and one upload.
+
+    Trainer's own Hub code creates the repo when the trainer is built and uploads ``output_dir`` at every save
+    (checkpoint staging folders and ``training_args.bin`` included). Here nothing reaches the Hub before
+    ``push_to_hub``, which uploads the finished artifact alone (weights, config, tokenizer, card; no pickle), once.
+    With ``args.push_to_hub``, ``save_model()`` pushes after saving, as ``Trainer.save_model`` does.
+    Subclasses write that artifact in ``_push_folder(folder, repo_id, **kwargs)``.
+    """
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No repo is created before the one upload of ``push_to_hub``."""
+        self.hub_model_id = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints stay local (resume_from_checkpoint reads them)."""
+
+    def _save_final(self, output_dir: str) -> None:
+        super().save_model(output_dir, _internal_call=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the trained model to ``output_dir`` (default ``args.output_dir``), then push it when
+        ``args.push_to_hub`` is set and this is not a checkpoint."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        self._save_final(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save")
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **kwargs) -> str | None:
+        """Upload the trained model to ``args.hub_model_id`` (else the name of ``output_dir``) in one commit;
+        ``repo_id=`` names another repo. Returns the commit URL (``None`` on processes other than the main one).
+
+        Only the artifact is uploaded: nothing else of ``output_dir``. ``blocking`` is accepted for ``Trainer``'s
+        signature; the upload always completes before this returns. Offline (``HF_HUB_OFFLINE=1``) this fails at
+        once.
+        """
+        import tempfile
+
+        revision = revision or self.args.hub_revision
+        if revision not in (None, "main"):
+            raise ValueError(f"push_to_hub uploads to the main branch; revision={revision!r} is not supported.")
+        repo_id = kwargs.pop("repo_id", None) or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        accepted = inspect.signature(self._push_folder).parameters
+        ignored = sorted(k for k in kwargs if k not in accepted)
+        if ignored:  # Trainer passes these to its generic model card; ours is written from the run itself
+            logger.warning(f"push_to_hub: ignoring {', '.join(ignored)} (the model card is written from the run).")
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        with tempfile.TemporaryDirectory() as tmp:
+            self._push_folder(Path(tmp), repo_id, **kwargs)  # on every process: a ZeRO-3 gather is collective
+            if not self.args.should_save:
+                return None
+            return push_folder(tmp, repo_id, private=self.args.hub_private_repo if private is None else private,
+                               token=token if token is not None else self.args.hub_token,
+                               commit_message=commit_message or "End of training")
+
+
+class RAHFTrainerMixin(FiniteLossMixin, AtomicCheckpointMixin, HubMixin):
     """Mix into a ``Trainer`` subclass (before ``Trainer``); call ``_setup_mixin()`` after ``Trainer.__init__``."""
 
     def _setup_mixin(self) -> None:
@@ -140,19 +204,6 @@ class RAHFTrainerMixin(FiniteLossMixin, AtomicCheckpointMixin):
             logs.update({f"{prefix}{name}": value for name, value in zip(names, means)})
         self._metrics[mode].clear()
         super().log(logs, start_time)
-
-    # ---- saving ----
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:  # only here for the collectives of a sharded save
-            return super()._save(output_dir, state_dict)
-        model = self.accelerator.unwrap_model(self.model)
-        kind = PEFT_ADAPTER if hasattr(model, "peft_config") else TRANSFORMERS_MODEL
-        with atomic_folder(output_dir, kind) as tmp:
-            super()._save(str(tmp), state_dict)
-            save_training_args(self.args, tmp)
-
 
 
 def save_training_args(args, folder: str | os.PathLike) -> None:

@@ -44,6 +44,43 @@ def require_number(name: str, value: Any, low: float | None = None, high: float 
         raise ValueError(f"{name} must be <= {high}, got {value}.")
 
 
+def require_training_numbers(args: Any) -> None:
+    """The optimizer numbers of ``TrainingArguments`` finite and in range: a NaN ``max_grad_norm`` or ``weight_decay``
+    would otherwise turn every weight into NaN at the first step."""
+    require_number("learning_rate", args.learning_rate, low=0.0)
+    if args.max_grad_norm is not None:  # None or 0: no clipping
+        require_number("max_grad_norm", args.max_grad_norm, low=0.0)
+    require_number("weight_decay", args.weight_decay, low=0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        require_number(name, getattr(args, name), low=0.0)
+        if getattr(args, name) >= 1.0:
+            raise ValueError(f"{name} must be < 1, got {getattr(args, name)}.")
+    require_number("adam_epsilon", args.adam_epsilon, low=0.0)
+
+
+def require_rows(dataset: Any, what: str) -> None:
+    """Refuse an empty training set by name, before its rows are tokenized (and then blamed on a length limit)."""
+    if dataset is not None and len(dataset) == 0:
+        raise ValueError(f"{what}: train_dataset is empty (0 rows); give preference rows with prompt, chosen and "
+                         "rejected.")
+
+
+def check_lora_rank(model: nn.Module, peft_config: Any) -> None:
+    """Refuse a LoRA rank no layer of ``model`` can use (above min(in, out) of its widest linear layer) before peft
+    allocates it: ``r=1e9`` would otherwise try to allocate hundreds of GB."""
+    ranks = [getattr(peft_config, "r", None), *(getattr(peft_config, "rank_pattern", None) or {}).values()]
+    limit = max((min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)),
+                default=None)
+    for rank in ranks:
+        if rank is None:
+            continue
+        require_number("LoRA rank r", rank, low=1, integer=True)
+        if limit is not None and rank > limit:
+            raise ValueError(f"LoRA rank r={rank} is larger than any layer of the model can use (at most {limit}, "
+                             f"min(in, out) of its widest linear layer); choose r <= {limit} (--lora_r / --peft_r; "
+                             "the authors use 8).")
+
+
 def require_finite_weights(weights: nn.Module | Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse to save ``weights`` (a model's trainable parameters, or a state dict) when any is NaN or infinite."""
     named = (weights.items() if isinstance(weights, Mapping)

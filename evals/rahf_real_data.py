@@ -20,7 +20,7 @@ RAHF runs use the authors' preset (``preset="authors"``: LoRA on q_proj/v_proj, 
 response choice, constant schedule) except the learning rate and the step count, which the CPU budget sets.
 ``--bf16`` trains with bfloat16 autocast (the Trainer's ``bf16=True``) and evaluates under the same autocast.
 
-    HF_REPALIGN_DATA=/path/to/data nice -n 5 .venv/bin/python benchmarks/rahf_real_data.py --bf16 --threads 1 \\
+    HF_REPALIGN_DATA=PATH nice -n 5 python evals/rahf_real_data.py --bf16 --threads 1 \\
         --work outputs/rahf_real_data --out docs/img/rahf_real_data
 """
 
@@ -48,13 +48,12 @@ from hf_repalign.rahf import (
     RAHFTrainer,
     SCITConfig,
     SCITTrainer,
-    stack_adapters,
     train_dual,
 )
 from hf_repalign.rahf.instructions import instructed_template
 from hf_repalign.rahf.scit import pad_with_response_labels, response_logps
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import save_figure, write_json  # noqa: E402
 
 RAHF_RUNS = [f"rahf_{m}_{a}" for m in ("scit", "dual") for a in ("base", "instructed")]
@@ -285,9 +284,8 @@ def main():
         write_json(work / f"probe_{run}.json", {"layers": trainer.layers, "before": before, "after": after,
                                                 "probe_examples": len(trainer.eval_dataset)})
         save_curve(work, f"RAHF {method.upper()} on {arrangement}", trainer.state.log_history, time.time() - start)
-        folder = trainer.save_pretrained(work / f"{run}_adapter")
-        folders = ([instructed[0]] if arrangement == "instructed" else []) + [str(folder)]
-        evaluate(run, stack_adapters(fresh(), folders), tokenizer, held, questions, work, args.bf16)
+        folder = trainer.save_pretrained(work / f"{run}_adapter")  # one adapter, the step-1 adapter folded in
+        evaluate(run, PeftModel.from_pretrained(fresh(), str(folder)), tokenizer, held, questions, work, args.bf16)
     if "report" in args.stages:
         print(markdown(report(work, out, args, rows)))
 
