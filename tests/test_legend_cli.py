@@ -115,7 +115,7 @@ def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp
 
 
 def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_path, capsys):
-    from hf_repalign.legend.annotate import OutputLock
+    from hf_repalign.legend.checkpoints import OutputLock
 
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "no", "rejected": "yes"}) + "\n")

@@ -19,12 +19,12 @@ _EXPORTS = {
     "add_margin_columns": "annotate",
     "annotate": "annotate",
     "equal_frequency_bins": "binning",
-    "length_diagnostics": "annotate",
-    "load_preference_data": "annotate",
+    "length_diagnostics": "diagnostics",
+    "load_preference_data": "data",
     "margin_direction": "margin",
     "margin_raw": "margin",
-    "usable_rows": "annotate",
-    "write_dataset": "annotate",
+    "usable_rows": "data",
+    "write_dataset": "data",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
