@@ -32,6 +32,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import parse_dtype, write_json  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from legend_evidence import EPSILON, agreement  # noqa: E402
+
 from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf  # noqa: E402
 from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
 from hf_repalign.legend import usable_rows  # noqa: E402
@@ -52,9 +55,8 @@ POOLINGS = ("last", "mean", "mean_all")
 
 
 def agreement_scores(scores: list[float], epsilon: float) -> torch.Tensor:
-    """1 if the score prefers chosen, 0.5 for a tie (|score| <= epsilon), 0 otherwise."""
-    s = torch.tensor(scores, dtype=torch.float64)
-    return torch.where(s.abs() <= epsilon, 0.5, (s > 0).double())
+    """Per pair: 1 if the score prefers chosen, 0.5 for a tie (|score| <= epsilon), 0 otherwise."""
+    return torch.tensor([agreement(s, epsilon) for s in scores], dtype=torch.float64)
 
 
 def bootstrap(values: torch.Tensor, resamples: torch.Tensor) -> list[float]:
@@ -78,7 +80,7 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["harmless-base", "helpful-base"])
     parser.add_argument("--max_length", type=int, default=512, help="longer pairs have their prompt cut (left)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--epsilon", type=float, default=1e-6, help="|margin| at or below this is a tie")
+    parser.add_argument("--epsilon", type=float, default=EPSILON, help="|margin| at or below this is a tie")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
