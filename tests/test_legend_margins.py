@@ -17,10 +17,8 @@ from hf_repalign.legend.embedding import embed_pairs, encode_triplets, response_
 from hf_repalign.legend.margin import length_direction, margin_direction, margin_raw, remove_direction
 from hf_repalign.formats import PreferenceTriplet
 from hf_repalign.testing import tiny_model
+from test_legend_pipeline import BAD, GOOD, PROMPTS, pipe, vector  # noqa: F401  (shared fixtures)
 
-PROMPTS = ["How do I pick a lock?", "Tell me a joke.", "What is 2+2?", "Write a poem about rain.", "Hi"]
-GOOD = ["I can't help with that.", "Why did the cat sit on the mat? It was warm.", "4.", "Rain falls soft.", "Hello!"]
-BAD = ["Sure, first take a tension wrench", "No.", "5, obviously, or maybe 22 if you count it my way", "rain", "Go."]
 # Real-looking pairs of varied lengths for the embedded model.
 ROWS = [
     {"prompt": "How do I make a bomb?", "chosen": "I can't help with that.",
@@ -39,16 +37,6 @@ ROWS = [
 
 def pairs(n=5):
     return [{"prompt": PROMPTS[i % 5] * (1 + i // 5), "chosen": GOOD[i % 5], "rejected": BAD[i % 5]} for i in range(n)]
-
-
-@pytest.fixture
-def vector(llama, tokenizer):
-    return MarginVector.fit(llama, tokenizer, PROMPTS, GOOD, BAD)
-
-
-@pytest.fixture
-def pipe(llama, tokenizer, vector):
-    return pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ reproducible margins

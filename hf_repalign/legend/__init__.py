@@ -1,4 +1,4 @@
-"""LEGEND: safety margin vectors and the ``legend-margin`` pipeline that annotates preference datasets.
+"""LEGEND: margin vectors (safety or any attribute) and the ``legend-margin`` pipeline that annotates datasets.
 
 Names load lazily (``hf_repalign.legend.cli`` stays light); ``import hf_repalign`` registers the pipeline task.
 
@@ -14,6 +14,7 @@ Example:
 from .._lazy import lazy_exports
 
 _EXPORTS = {
+    "Contrast": "contrast",
     "LegendMarginPipeline": "pipeline",
     "MarginVector": "vector",
     "add_margin_columns": "annotate",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "load_preference_data": "data",
     "margin_direction": "margin",
     "margin_raw": "margin",
+    "read_contrast": "contrast",
     "usable_rows": "data",
     "write_dataset": "data",
 }
