@@ -56,7 +56,7 @@ COMMANDS = (
     Command(("generate",), "Answer with plain, principle-prompted and Linear-Alignment decoding, side by side.",
             "hf_repalign.linear_alignment.cli:GenerateArguments", "hf_repalign.linear_alignment.cli:run",
             positional="question"),
-    Command(("legend", "fit-vector"), "Fit a LEGEND margin vector from harmful prompts (model answers vs a refusal).",
+    Command(("legend", "fit-vector"), "Fit a LEGEND margin vector: harmful prompts (safety) or any contrast data.",
             "hf_repalign.legend.cli:FitVectorArguments", "hf_repalign.legend.cli:run_fit_vector"),
     Command(("legend", "annotate"), "Add LEGEND `margin_raw` and binned `margin` columns to a preference dataset.",
             "hf_repalign.legend.cli:AnnotateArguments", "hf_repalign.legend.cli:run_annotate"),
