@@ -83,6 +83,14 @@ def auroc(positive: list[float], negative: list[float], epsilon: float = EPSILON
     return round(wins / (len(positive) * len(negative)), 4)
 
 
+def save_split(out: Path, report: dict, split: str, table: dict, margins: dict) -> None:
+    """One HH split's table into the report, its margins beside it; both rewritten at once, the table printed."""
+    report[split] = table
+    write_json(out / f"{split}.margins.json", margins)
+    write_json(out / "report.json", report)
+    print(split, json.dumps(table, indent=1), flush=True)
+
+
 def embed(model, tokenizer, triplets, views, batch_size, max_length=None):
     encoded = encode_triplets(tokenizer, triplets, None, max_length, "left", rows=range(len(triplets)))
     items = [item for item, _ in encoded]
@@ -208,10 +216,7 @@ def main() -> None:
                 "agreement_chosen_longer": round(sum(agreement(m[i]) for i in longer) / max(len(longer), 1), 4),
                 "spearman_vs_length_diff": length_diagnostics(m, diff)["spearman_margin_vs_length_diff"],
             }
-        report[split] = table
-        write_json(args.out / f"{split}.margins.json", saved)
-        write_json(args.out / "report.json", report)
-        print(split, json.dumps(table, indent=1), flush=True)
+        save_split(args.out, report, split, table, saved)
 
 
 if __name__ == "__main__":

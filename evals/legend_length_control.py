@@ -21,7 +21,6 @@ One pass on the embedded model (or ``--model``), layer -1, poolings ``last`` / `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,10 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from common import parse_dtype, write_json  # noqa: E402
+from common import parse_dtype  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from legend_evidence import EPSILON, agreement  # noqa: E402
+from legend_evidence import EPSILON, agreement, save_split  # noqa: E402
 
 from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf  # noqa: E402
 from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
@@ -139,10 +138,7 @@ def main() -> None:
                         "minus_length_only_ci95": bootstrap(agree - baseline, resamples),
                         "spearman_vs_length_diff": length_diagnostics(margins, diff)["spearman_margin_vs_length_diff"],
                     }
-        report[split] = table
-        write_json(args.out / f"{split}.margins.json", saved)
-        write_json(args.out / "report.json", report)
-        print(split, json.dumps(table, indent=1), flush=True)
+        save_split(args.out, report, split, table, saved)
 
 
 if __name__ == "__main__":
