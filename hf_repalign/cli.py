@@ -59,7 +59,7 @@ COMMANDS = (
     Command(("export-custom-generate",), "Write Linear Alignment as a custom_generate repository (no install needed).",
             "hf_repalign.linear_alignment.cli:ExportArguments", "hf_repalign.linear_alignment.cli:run_export",
             positional="output_dir"),
-    Command(("legend", "fit-vector"), "Fit a LEGEND margin vector from harmful prompts (model answers vs a refusal).",
+    Command(("legend", "fit-vector"), "Fit a LEGEND margin vector: harmful prompts (safety) or any contrast data.",
             "hf_repalign.legend.cli:FitVectorArguments", "hf_repalign.legend.cli:run_fit_vector"),
     Command(("legend", "annotate"), "Add LEGEND `margin_raw` and binned `margin` columns to a preference dataset.",
             "hf_repalign.legend.cli:AnnotateArguments", "hf_repalign.legend.cli:run_annotate"),

@@ -121,8 +121,8 @@ def test_binning_equal_counts_values_and_order():
     assert binned[values.index(max(values))] == 1.0 and binned[values.index(min(values))] == 0.1
 
 
-def test_binning_ties_are_deterministic_by_row_order():
-    assert equal_frequency_bins([1.0, 1.0, 1.0, 0.0], 2) == [0.5, 1.0, 1.0, 0.5]
+def test_binning_ties_share_the_bin_of_their_average_rank():
+    assert equal_frequency_bins([1.0, 1.0, 1.0, 0.0], 2) == [1.0, 1.0, 1.0, 0.5]
     assert equal_frequency_bins([5.0, 1.0], 1) == [1.0, 1.0]
 
 
@@ -356,7 +356,7 @@ def test_usable_rows_and_gzipped_hh_input(pipe, tmp_path):
 
 
 def test_rows_with_different_columns_keep_every_column():
-    from hf_repalign.legend.annotate import load_preference_data
+    from hf_repalign.legend.data import load_preference_data
 
     rows = [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
             {"prompt": "p", "chosen": "x", "rejected": "y", "extra": 7}]
@@ -415,8 +415,8 @@ def _template_b(prompt, response):
 
 
 def test_resume_matches_a_callable_template_by_name_and_source(tmp_path):
-    from hf_repalign.legend.annotate import _stable_repr
+    from hf_repalign.legend.checkpoints import stable_repr
 
-    assert _stable_repr(_template_a) == _stable_repr(_template_a)  # no object address inside
-    assert "0x" not in _stable_repr(_template_a) and _stable_repr(_template_a) != _stable_repr(_template_b)
-    assert _stable_repr("{prompt}{response}") == repr("{prompt}{response}")
+    assert stable_repr(_template_a) == stable_repr(_template_a)  # no object address inside
+    assert "0x" not in stable_repr(_template_a) and stable_repr(_template_a) != stable_repr(_template_b)
+    assert stable_repr("{prompt}{response}") == repr("{prompt}{response}")

@@ -115,7 +115,7 @@ def test_fit_vector_refuses_a_template_with_format_specs(run_cli, model_dir, tmp
 
 
 def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_path, capsys):
-    from hf_repalign.legend.annotate import OutputLock
+    from hf_repalign.legend.checkpoints import OutputLock
 
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "no", "rejected": "yes"}) + "\n")
@@ -128,3 +128,39 @@ def test_annotate_on_a_locked_output_fails_in_one_line(run_cli, model_dir, tmp_p
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert re.match(r"^repalign: error: another annotate run \(pid \d+\) is writing", last)
     assert not output.exists()
+
+
+def test_fit_vector_for_another_attribute_with_length_control(run_cli, model_dir, tmp_path, capsys):
+    contrast = tmp_path / "helpful.jsonl"
+    contrast.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": text, "label": label}) + "\n"
+                                for i, (text, label) in enumerate([("Here is a full answer, step by step.", True),
+                                                                   ("Sure: the details follow.", True),
+                                                                   ("No.", False), ("Ask someone else.", False)])))
+    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--dataset_name", str(contrast),
+                    "--attribute", "helpfulness", "--length_control", "--output", str(tmp_path / "vec")]) == 0
+    config = json.loads((tmp_path / "vec" / "config.json").read_text())
+    assert config["attribute"] == "helpfulness" and config["length_control"] is True
+    assert config["contrast"]["kind"] == "sets" and "helpfulness" in (tmp_path / "vec" / "README.md").read_text()
+
+    rows = [{"prompt": f"question {i}", "chosen": "yes " * (i + 1), "rejected": "no"} for i in range(6)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out.jsonl"
+    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--length_control",
+                    "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "3"]) == 0
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert all("margin_length_controlled" in r for r in written)
+    assert "'length_control': {'slope_per_token'" in capsys.readouterr().out
+
+    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--output", str(tmp_path / "v2")]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+
+
+def test_fit_vector_names_a_list_row_in_a_jsonl_file(run_cli, tmp_path, capsys):
+    for flag, text in (("--prompts", '{"goal": "a"}\n["not", "an", "object"]\n'),
+                       ("--dataset_name", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n')):
+        bad = tmp_path / "rows.jsonl"
+        bad.write_text(text)
+        assert run_cli(["legend", "fit-vector", flag, str(bad), "--output", str(tmp_path / "v")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "rows.jsonl" in err and "line 2" in err, err

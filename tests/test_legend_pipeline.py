@@ -14,7 +14,7 @@ from transformers.pipelines.pt_utils import KeyDataset
 import hf_repalign  # noqa: F401  (registers the pipeline)
 from hf_repalign.formats import PreferenceFormatError, check_template
 from hf_repalign.legend import LegendMarginPipeline, MarginVector, length_diagnostics
-from hf_repalign.legend.annotate import OutputLock
+from hf_repalign.legend.checkpoints import OutputLock
 from hf_repalign.testing import tiny_model
 
 PROMPTS = ["How do I pick a lock?", "Tell me a joke.", "What is 2+2?", "Write a poem about rain.", "Hi"]

@@ -1,4 +1,4 @@
-"""LEGEND: safety margin vectors and the ``legend-margin`` pipeline that annotates preference datasets.
+"""LEGEND: margin vectors (safety or any attribute) and the ``legend-margin`` pipeline that annotates datasets.
 
 Names load lazily (``hf_repalign.legend.cli`` stays light); ``import hf_repalign`` registers the pipeline task.
 
@@ -14,17 +14,19 @@ Example:
 from .._lazy import lazy_exports
 
 _EXPORTS = {
+    "Contrast": "contrast",
     "LegendMarginPipeline": "pipeline",
     "MarginVector": "vector",
     "add_margin_columns": "annotate",
     "annotate": "annotate",
     "equal_frequency_bins": "binning",
-    "length_diagnostics": "annotate",
-    "load_preference_data": "annotate",
+    "length_diagnostics": "diagnostics",
+    "load_preference_data": "data",
     "margin_direction": "margin",
     "margin_raw": "margin",
-    "usable_rows": "annotate",
-    "write_dataset": "annotate",
+    "read_contrast": "contrast",
+    "usable_rows": "data",
+    "write_dataset": "data",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

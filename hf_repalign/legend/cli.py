@@ -31,10 +31,19 @@ def _at_least(args, minimum: int, *names: str) -> None:
 
 @dataclass
 class FitVectorArguments:
-    """Fit a LEGEND margin vector from harmful prompts (model answers vs a refusal)."""
+    """Fit a LEGEND margin vector: from harmful prompts (model answers vs a refusal), or from any contrast data."""
 
-    prompts: str = field(metadata={"help": "File of harmful prompts: .csv (column --prompt_column), .txt, .jsonl."})
     output: str = field(metadata={"help": "Folder to save the vector to (safetensors + config.json + card)."})
+    prompts: str | None = field(default=None, metadata={
+        "help": "File of harmful prompts: .csv (column --prompt_column), .txt, .jsonl (the safety preset)."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Contrast data instead of --prompts: pairs (chosen = more of --attribute, rejected = less) or two "
+                "sets (prompt/completion/label), as .jsonl, .json, .csv, .parquet or a Hub dataset id."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of a Hub --dataset_name."})
+    attribute: str = field(default="safety", metadata={
+        "help": "What the vector measures (safety, helpfulness, honesty, ...); stored in its config and card."})
+    length_control: bool = field(default=False, metadata={
+        "help": "Project the response-length direction (estimated from the same embeddings) out of the vector."})
     model: str | None = field(default=None, metadata={"help": "Model path or Hub id; default: the embedded model."})
     dtype: DType | None = field(
         default=None, metadata={"help": "Model dtype: float32, bfloat16 (fast on CPUs with AVX512-BF16), float16."}
@@ -75,6 +84,9 @@ class FitVectorArguments:
 
     def __post_init__(self):
         _at_least(self, 1, "num_prompts", "max_new_tokens", "batch_size")
+        if (self.prompts is None) == (self.dataset_name is None):
+            raise UsageError("give --prompts (harmful prompts, the safety preset) or --dataset_name (contrast data), "
+                             "one of the two.")
         if self.push_to_hub is not None:
             from ..hub import is_repo_id
 
@@ -103,6 +115,9 @@ class AnnotateArguments:
     drop_invalid: bool = field(
         default=False, metadata={"help": "Leave out rows that are not valid pairs (e.g. empty responses), listed."}
     )
+    length_control: bool = field(default=False, metadata={
+        "help": "Remove the margins' least-squares dependence on the response-length difference; `margin` bins "
+                "the new `margin_length_controlled` column."})
 
     def __post_init__(self):
         _at_least(self, 0, "num_bins")
@@ -147,16 +162,23 @@ def run_fit_vector(args: FitVectorArguments) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     # Everything that can be refused is refused before the model runs.
-    refuse_inputs(args.output, "--output", {"--model": args.model, "--prompts": args.prompts})
+    refuse_inputs(args.output, "--output", {"--model": args.model, "--prompts": args.prompts,
+                                            "--dataset_name": args.dataset_name})
     check_target(args.output, MARGIN_VECTOR, args.overwrite)
     check_writable(args.output, "--output")
-    prompts, harmful = read_prompts(args.prompts, args.prompt_column, preset["num_prompts"], args.harmful_column)
-    model, tokenizer = load_model_and_tokenizer(resolve_model_path(args.model, "--model"), dtype=args.dtype)
-    vec = MarginVector.induce(
-        model, tokenizer, prompts, refusal=preset["refusal"], harmful_responses=harmful,
-        max_new_tokens=preset["max_new_tokens"], layer=preset["layer"], pooling=preset["pooling"],
-        template=args.template, batch_size=args.batch_size, progress=True,
-    )
+    fit_kwargs = dict(attribute=args.attribute, length_control=args.length_control, layer=preset["layer"],
+                      pooling=preset["pooling"], template=args.template, batch_size=args.batch_size, progress=True)
+    if args.dataset_name is not None:
+        from .contrast import read_contrast
+
+        contrast = read_contrast(args.dataset_name, args.dataset_train_split, "--dataset_name")
+        model, tokenizer = load_model_and_tokenizer(resolve_model_path(args.model, "--model"), dtype=args.dtype)
+        vec = MarginVector.fit(model, tokenizer, data=contrast, **fit_kwargs)
+    else:
+        prompts, harmful = read_prompts(args.prompts, args.prompt_column, preset["num_prompts"], args.harmful_column)
+        model, tokenizer = load_model_and_tokenizer(resolve_model_path(args.model, "--model"), dtype=args.dtype)
+        vec = MarginVector.induce(model, tokenizer, prompts, refusal=preset["refusal"], harmful_responses=harmful,
+                                  max_new_tokens=preset["max_new_tokens"], **fit_kwargs)
     path = vec.save_pretrained(args.output, overwrite=args.overwrite, base_model=args.base_model)
     print(f"saved {vec} to {path}")
     if args.push_to_hub:
@@ -176,7 +198,7 @@ def run_annotate(args: AnnotateArguments) -> int:
         args.dataset, vec, model=args.model, dtype=args.dtype, num_bins=args.num_bins or None,
         batch_size=args.batch_size, output=args.output, resume=args.resume,
         checkpoint_every=args.checkpoint_every, max_length=args.max_length, truncation=args.truncation,
-        drop_invalid=args.drop_invalid, with_diagnostics=True,
+        drop_invalid=args.drop_invalid, with_diagnostics=True, length_control=args.length_control,
     )
     positive = sum(m > 0 for m in dataset["margin_raw"]) / max(len(dataset), 1)
     print(f"wrote {len(dataset)} rows to {args.output}; margin_raw > 0 in {positive:.1%} of pairs; "

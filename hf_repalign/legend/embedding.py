@@ -42,6 +42,18 @@ EMBEDDING_VERSION = 2
 View = tuple[int, str]  # (hidden-state index, pooling)
 
 
+def check_causal(model: torch.nn.Module) -> torch.nn.Module:
+    """Refuse an encoder-decoder (T5, BART): its hidden states would be the encoder's, which never reads a response
+    the way LEGEND's embeddings do, and the right-padded unmasked batching is exact only for a causal model."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"LEGEND needs a decoder-only (causal) language model; {type(model).__name__} is an encoder-decoder "
+            f"({getattr(config, 'model_type', '?')}), whose hidden states are not what the margins are defined on."
+        )
+    return model
+
+
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
@@ -257,19 +269,29 @@ def embed_pairs(
     resolved = resolve_views(model, views)
     forward = forward or (lambda seqs, vs: embed_sequences(model, seqs, vs))
     sequences = [seq for item in items for side in SIDES for seq in _sequences(item, side, "right")]
+    # A sequence that occurs more than once (a shared refusal, duplicated rows) is embedded once, so equal inputs
+    # get bit-identical embeddings whatever else shares their batches.
+    first: dict[tuple, int] = {}
+    copies: dict[int, list[int]] = {}
+    for i, (ids, n, p, e) in enumerate(sequences):
+        copies.setdefault(first.setdefault((ids[:n].numpy().tobytes(), n, p, e), i), []).append(i)
+    unique = list(copies)
     results: dict[View, torch.Tensor | None] = {view: None for view in views}
     done = [0] * len(items)
     window_sequences = 2 * window if window else None
-    for indices in sequence_batches([s[1] for s in sequences], 2 * batch_size, window_sequences,
-                                    max_tokens=max_batch_tokens):
-        out = forward([sequences[i] for i in indices], resolved)
+    for batch in sequence_batches([sequences[i][1] for i in unique], 2 * batch_size, window_sequences,
+                                  max_tokens=max_batch_tokens):
+        out = forward([sequences[unique[j]] for j in batch], resolved)
+        owners = [copies[unique[j]] for j in batch]
+        rows = [k for group in owners for k in group]
+        repeat = torch.tensor([len(group) for group in owners])
         for view, key in zip(views, resolved):
             if results[view] is None:
                 results[view] = torch.empty((len(items), 2, out[key].shape[-1]), dtype=torch.float32)
-            results[view][[i // 2 for i in indices], [i % 2 for i in indices]] = out[key].cpu()
+            results[view][[i // 2 for i in rows], [i % 2 for i in rows]] = out[key].cpu().repeat_interleave(repeat, 0)
         if progress is not None:
             finished = 0
-            for i in indices:
+            for i in rows:
                 done[i // 2] += 1
                 finished += done[i // 2] == 2
             progress.update(finished)

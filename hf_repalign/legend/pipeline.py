@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from ..formats import PreferenceFormatError, PreferenceTriplet, check_template, to_triplet
 from ..models import context_length
-from .embedding import TRUNCATIONS, embed_pairs, embed_sequences, pair_embeddings
+from .embedding import TRUNCATIONS, check_causal, embed_pairs, embed_sequences, pair_embeddings
 from .margin import margin_raw
 from .vector import MarginVector
 
@@ -92,6 +92,7 @@ class LegendMarginPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_causal(self.model)
         if self.tokenizer is None:
             raise ValueError("the legend-margin pipeline needs a tokenizer.")
         if self.tokenizer.pad_token is None:  # batching pads; the pad id is masked out anyway

@@ -1,8 +1,10 @@
 """``MarginVector``: LEGEND's Standard Margin Vector, a unit direction in a model's hidden space.
 
-It is fitted from (prompt, harmless response, harmful response) triplets as the normalised mean of
-``emb(prompt, harmless) - emb(prompt, harmful)`` (see :func:`hf_repalign.legend.margin.margin_direction`), and
-saved as safetensors plus a JSON config and a model card.
+It is fitted from a contrast, responses with more of an attribute against responses with less (safety by
+default: harmless against harmful), as the normalised difference of their mean embeddings (see
+:func:`hf_repalign.legend.margin.margin_direction`), optionally with the response-length direction projected out,
+and saved as safetensors plus a JSON config and a model card that name the attribute, the contrast data and the
+length control.
 
 Example:
     >>> from hf_repalign import load_model_and_tokenizer
@@ -11,6 +13,8 @@ Example:
     >>> vec = MarginVector.induce(model, tokenizer, ["How do I make a weapon at home?"])
     >>> vec.save_pretrained("out/margin-vector")
     >>> vec = MarginVector.from_pretrained("out/margin-vector")
+    >>> helpful = MarginVector.fit(model, tokenizer, data="helpfulness_pairs.jsonl", attribute="helpfulness",
+    ...                            length_control=True)  # chosen/rejected rows, or prompt/completion/label rows
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..formats import Prompt, Template, check_template, normalize_prompt, prompt_prefix, to_triplet
+from ..formats import PreferenceTriplet, Prompt, Template, check_template, normalize_prompt, prompt_prefix
 from ..hidden import num_hidden_layers, resolve_layers
 from ..artifacts import ArtifactKind, check_target, config_has, save_folder
 from ..cards import base_model_fields, render_card
 from ..hub import base_model_id, load_folder, push_folder, require_base_model
-from .embedding import EMBEDDING_VERSION, check_pooling, embed_pairs, encode_triplets
-from .margin import margin_direction
+from .embedding import (EMBEDDING_VERSION, check_causal, check_pooling, embed_pairs, encode_triplets,
+                        response_length)
+from .margin import length_direction, margin_direction, remove_direction
 from .presets import DEFAULT_REFUSAL, FIT_PRESETS  # noqa: F401  (FIT_PRESETS re-exported)
 
 logger = logging.get_logger(__name__)
@@ -68,6 +73,11 @@ class MarginVector:
         model_name_or_path: str | None = None,
         num_hidden_layers: int | None = None,
         n_pairs: int | None = None,
+        attribute: str = "safety",
+        length_control: bool = False,
+        contrast: dict[str, Any] | None = None,
+        model_probe: Sequence[float] | None = None,
+        evaluation: dict[str, Any] | None = None,
     ):
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise ValueError(f"`layer` must be an integer hidden-state index, got {layer!r}.")
@@ -80,6 +90,13 @@ class MarginVector:
             else model_name_or_path
         self.num_hidden_layers = num_hidden_layers
         self.n_pairs = n_pairs
+        if not isinstance(attribute, str) or not attribute.strip() or len(attribute) > 100:
+            raise ValueError(f"`attribute` must be a short non-empty name such as 'safety', got {attribute!r}.")
+        self.attribute = attribute.strip()
+        self.length_control = bool(length_control)
+        self.contrast = dict(contrast) if contrast else None
+        self.model_probe = _check_probe(model_probe)
+        self.evaluation = dict(evaluation) if evaluation else None  # e.g. a measured agreement table, for the card
 
     @property
     def hidden_size(self) -> int:
@@ -87,8 +104,9 @@ class MarginVector:
 
     def __repr__(self) -> str:
         return (
-            f"MarginVector(hidden_size={self.hidden_size}, layer={self.layer}, pooling={self.pooling!r}, "
-            f"model={self.model_name_or_path!r}, n_pairs={self.n_pairs})"
+            f"MarginVector(attribute={self.attribute!r}, hidden_size={self.hidden_size}, layer={self.layer}, "
+            f"pooling={self.pooling!r}, length_control={self.length_control}, model={self.model_name_or_path!r}, "
+            f"n_pairs={self.n_pairs})"
         )
 
     # ----------------------------------------------------------------------------------------------- fitting
@@ -97,32 +115,67 @@ class MarginVector:
         cls,
         model: torch.nn.Module,
         tokenizer: Any,
-        prompts: Sequence[Prompt],
-        harmless_responses: Sequence[str],
-        harmful_responses: Sequence[str],
+        prompts: Sequence[Prompt] | None = None,
+        positive_responses: Sequence[str] | None = None,
+        negative_responses: Sequence[str] | None = None,
+        *,
+        data: Any = None,
+        data_split: str = "train",
+        attribute: str = "safety",
+        length_control: bool = False,
         layer: int = -1,
         pooling: str = "last",
         template: Template = None,
         batch_size: int = 8,
         progress: bool = False,
+        harmless_responses: Sequence[str] | None = None,
+        harmful_responses: Sequence[str] | None = None,
     ) -> "MarginVector":
-        """Fit the direction from prompts and their harmless and harmful responses (one of each per prompt)."""
-        if not (len(prompts) == len(harmless_responses) == len(harmful_responses)) or not prompts:
-            raise ValueError(
-                f"`prompts`, `harmless_responses` and `harmful_responses` must be non-empty and of equal length, "
-                f"got {len(prompts)}, {len(harmless_responses)} and {len(harmful_responses)}."
-            )
+        """Fit the direction from a contrast: responses with more of ``attribute`` against responses with less.
+
+        Either three lists (``prompts`` with one positive and one negative response each; for safety
+        ``harmless_responses`` / ``harmful_responses`` are the same two lists by their old names), or ``data``: pairs
+        (``chosen`` positive, ``rejected`` negative) or two sets (``prompt``/``completion``/``label``) as a
+        ``datasets.Dataset``, a list of dicts, a .jsonl/.json/.csv/.parquet file or a Hub dataset id (``data_split``).
+        ``length_control=True`` projects the response-length direction, estimated from the same embeddings (each
+        side centred on its own mean), out of the direction.
+        """
+        from .contrast import contrast_from_lists, read_contrast
+
+        positive = _one_of(positive_responses, harmless_responses, "positive_responses", "harmless_responses")
+        negative = _one_of(negative_responses, harmful_responses, "negative_responses", "harmful_responses")
+        if data is not None:
+            if prompts is not None or positive is not None or negative is not None:
+                raise ValueError("give either `data` or `prompts` with the positive and negative responses, not both.")
+            contrast = read_contrast(data, data_split)
+        elif prompts is None or positive is None or negative is None:
+            raise ValueError("give `data` (pairs or two labelled sets) or `prompts`, `positive_responses` and "
+                             "`negative_responses`.")
+        else:
+            contrast = contrast_from_lists(list(prompts), list(positive), list(negative))
+        check_causal(model)
         check_pooling(pooling)
         resolve_layers(model, layer)
-        # Harmless plays "chosen" and harmful "rejected", so the checks name the row and side.
-        triplets = [to_triplet({"prompt": prompt, "chosen": good, "rejected": bad}, i)
-                    for i, (prompt, good, bad) in enumerate(zip(prompts, harmless_responses, harmful_responses))]
         check_template(template)
+        if contrast.kind == "pairs":
+            triplets = [PreferenceTriplet(p, good, bad) for (p, good), (_, bad) in zip(contrast.positive,
+                                                                                        contrast.negative)]
+        else:  # each response alone; both sides of its item are the same sequence, embedded once
+            triplets = [PreferenceTriplet(p, r, r) for p, r in contrast.positive + contrast.negative]
         items = [item for item, _ in encode_triplets(tokenizer, triplets, template, rows=range(len(triplets)))]
-        bar = tqdm(total=len(items), desc="fit margin vector", disable=not progress)
+        bar = tqdm(total=len(items), desc=f"fit {attribute} vector", disable=not progress)
         with torch.no_grad(), bar:
             pairs = embed_pairs(model, items, [(layer, pooling)], batch_size, progress=bar)[(layer, pooling)]
-        direction = margin_direction(pairs[:, 0], pairs[:, 1])
+        if contrast.kind == "pairs":
+            groups = [pairs[:, 0], pairs[:, 1]]
+            lengths = [[response_length(it, side) for it in items] for side in ("chosen", "rejected")]
+        else:
+            n = len(contrast.positive)
+            groups = [pairs[:n, 0], pairs[n:, 0]]
+            lengths = [[response_length(it, "chosen") for it in part] for part in (items[:n], items[n:])]
+        direction = margin_direction(*groups)
+        if length_control:
+            direction = remove_direction(direction, length_direction(groups, lengths))
         return cls(
             direction,
             layer=layer,
@@ -130,7 +183,11 @@ class MarginVector:
             template=template,
             model_name_or_path=_model_name(model),
             num_hidden_layers=num_hidden_layers(model),
-            n_pairs=len(items),
+            n_pairs=len(items) if contrast.kind == "pairs" else None,
+            attribute=attribute,
+            length_control=length_control,
+            contrast=contrast.describe(),
+            model_probe=model_probe(model),
         )
 
     @classmethod
@@ -148,7 +205,8 @@ class MarginVector:
     ) -> "MarginVector":
         """Fit as the paper does: the model's own greedy answers are the harmful side, a fixed refusal the harmless.
 
-        Give ``harmful_responses`` and/or ``harmless_responses`` to skip generating / replace the refusal.
+        Give ``harmful_responses`` and/or ``harmless_responses`` to skip generating / replace the refusal. The other
+        arguments of :meth:`fit` pass through (``attribute``, ``length_control``, ``layer``, ``pooling``, ...).
         """
         prompts = list(harmful_prompts)
         if harmful_responses is None:
@@ -163,10 +221,13 @@ class MarginVector:
     def check_compatible(self, model: torch.nn.Module, check_name: bool = True) -> int:
         """Raise a clear error if ``model`` cannot use this vector; returns the resolved hidden-state index.
 
-        A model with the right shape but another name gets a loud warning naming both (a vector measures a
-        direction in one model's hidden space; on another model its margins are noise). ``check_name=False``
-        skips that, for a vector saved together with its model (``pipe.save_pretrained``).
+        A model with the right shape but other weights gets a loud warning naming both (a vector measures a
+        direction in one model's hidden space; on another model its margins are noise). The weights are compared
+        by a probe recorded at fitting (the norms of the first token embeddings, which any dtype of the same
+        weights reproduces); a vector without one falls back to the model's name (``check_name=False`` skips
+        that, for a vector saved together with its model by ``pipe.save_pretrained``).
         """
+        check_causal(model)
         size = _hidden_size(model)
         if size != self.hidden_size:
             raise ValueError(
@@ -181,11 +242,16 @@ class MarginVector:
                 f"{self.num_hidden_layers} layers), which {_model_name(model)!r} does not have: {err}"
             ) from None
         name = _model_name(model)
-        if check_name and self.model_name_or_path and name != self.model_name_or_path:
+        if self.model_probe is not None:
+            other = not _same_probe(self.model_probe, model_probe(model))
+        else:
+            other = check_name and bool(self.model_name_or_path) and name != self.model_name_or_path
+        if other:
             logger.warning_once(  # once per pair of names, not at every call that passes the vector
                 f"THE MARGIN VECTOR WAS FITTED ON ANOTHER MODEL: {self.model_name_or_path!r}, but it is used with "
-                f"{name!r}. Both have hidden size {size}, so nothing fails, but the margins are only meaningful on "
-                "the model the vector was fitted on (ignore this if both names are the same weights)."
+                f"{name!r}{' (other weights)' if name == self.model_name_or_path else ''}. Both have hidden size "
+                f"{size}, so nothing fails, but the margins are only meaningful on the model the vector was fitted "
+                "on."
             )
         return index
 
@@ -200,6 +266,11 @@ class MarginVector:
             "model_name_or_path": self.model_name_or_path,
             "num_hidden_layers": self.num_hidden_layers,
             "n_pairs": self.n_pairs,
+            "attribute": self.attribute,
+            "length_control": self.length_control,
+            "contrast": self.contrast,
+            "model_probe": self.model_probe,
+            "evaluation": self.evaluation,
             "embedding_version": EMBEDDING_VERSION,
         }
 
@@ -214,7 +285,8 @@ class MarginVector:
         base = base_model or base_model_id(self.model_name_or_path)
         return render_card(
             "legend_margin_vector.md",
-            {"library_name": "hf_repalign", "tags": ["legend", "reward-modeling", "safety"], "base_model": base},
+            {"library_name": "hf_repalign", "tags": ["legend", "reward-modeling", self.attribute],
+             "base_model": base},
             repo_id=repo_id,
             hidden_size=self.hidden_size,
             layer=self.layer,
@@ -222,6 +294,10 @@ class MarginVector:
             template="the tokenizer's chat template" if self.template is None else repr(self.template),
             n_pairs=self.n_pairs,
             num_hidden_layers=self.num_hidden_layers,
+            attribute=self.attribute,
+            length_control=self.length_control,
+            contrast=self.contrast,
+            evaluation=self.evaluation,
             **base_model_fields(base, self.model_name_or_path),
         )
 
@@ -283,6 +359,11 @@ class MarginVector:
                 model_name_or_path=config.get("model_name_or_path"),
                 num_hidden_layers=config.get("num_hidden_layers"),
                 n_pairs=config.get("n_pairs"),
+                attribute=config.get("attribute", "safety"),
+                length_control=config.get("length_control", False) is True,
+                contrast=config.get("contrast") if isinstance(config.get("contrast"), dict) else None,
+                model_probe=config.get("model_probe"),
+                evaluation=config.get("evaluation") if isinstance(config.get("evaluation"), dict) else None,
             )
         except ValueError as err:
             raise ValueError(f"{path_or_repo_id} does not hold a usable margin vector: {err}") from None
@@ -320,6 +401,36 @@ def check_direction(direction: Any) -> torch.Tensor:
         raise ValueError(f"`direction` has norm {norm:.6g}, not 1; pass direction / direction.norm() (margins are "
                          "projections on a unit vector).")
     return direction
+
+
+PROBE_ROWS = 32
+PROBE_RTOL = 0.02  # bfloat16 / float16 copies of the same weights agree to a few 0.1%; other weights differ wholesale
+
+
+def model_probe(model: torch.nn.Module) -> list[float]:
+    """A fingerprint of the weights that survives a dtype change: the norms of the first token embeddings."""
+    weight = model.get_input_embeddings().weight
+    return [round(float(v), 5) for v in weight[:PROBE_ROWS].detach().double().norm(dim=1).cpu()]
+
+
+def _same_probe(saved: Sequence[float], current: Sequence[float]) -> bool:
+    return len(saved) == len(current) and all(math.isclose(a, b, rel_tol=PROBE_RTOL, abs_tol=1e-6)
+                                              for a, b in zip(saved, current))
+
+
+def _check_probe(probe: Any) -> list[float] | None:
+    """A saved probe is data: anything but a short list of finite numbers is ignored (the name check applies)."""
+    if not isinstance(probe, (list, tuple)) or not 0 < len(probe) <= PROBE_ROWS:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in probe):
+        return None
+    return [float(v) for v in probe]
+
+
+def _one_of(value: Any, alias: Any, name: str, alias_name: str) -> Any:
+    if value is not None and alias is not None:
+        raise ValueError(f"give `{name}` or `{alias_name}` (the same argument under its safety name), not both.")
+    return value if value is not None else alias
 
 
 def _callable_name(template: Any) -> str:

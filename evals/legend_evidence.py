@@ -12,11 +12,15 @@ One run, all variants from one forward per sequence:
       the prompt's token count alone as a baseline. Layer 0 (token embeddings, no context) is the control. Safe
       prompts are TruthfulQA questions (``--safe truthfulqa``, as short as AdvBench goals) or MT-Bench ones.
 3. The first ``--rows`` usable pairs of HH-RLHF harmless-base and helpful-base test: agreement with the human
-   label (margin > 0), the length-only baseline ("the shorter response is safer", ties half), agreement split by
+   label (margin > 0), the length-only baseline ("the shorter response is safer"), agreement split by
    chosen shorter / longer, Spearman of margin vs response-length difference; 95% Wilson intervals. The
    length-only baseline is also computed on the whole splits (tokenization only, no forward).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_evidence.py --dtype bfloat16 --threads 1 --rows 500 \\
+Ties are treated one way for every annotator, the length-only one included: a score within ``EPSILON`` (1e-6)
+of zero is a tie and counts half in an agreement, and two scores within ``EPSILON`` of each other are a tie
+(half a win) in an AUROC. Float noise below that (a control that is constant up to ~3e-8) is a tie, not a ranking.
+
+    OMP_NUM_THREADS=1 .venv/bin/python evals/legend_evidence.py --dtype bfloat16 --threads 1 --rows 500 \\
         --data /work/shared/data --out outputs/legend_evidence
 """
 
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import parse_dtype, write_json  # noqa: E402
 
 from hf_repalign.data_files import (  # noqa: E402
@@ -44,7 +48,7 @@ from hf_repalign.data_files import (  # noqa: E402
 )
 from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
 from hf_repalign.legend import usable_rows  # noqa: E402
-from hf_repalign.legend.annotate import length_diagnostics  # noqa: E402
+from hf_repalign.legend.diagnostics import length_diagnostics  # noqa: E402
 from hf_repalign.legend.embedding import POOLINGS, embed_pairs, encode_triplets, response_length  # noqa: E402
 from hf_repalign.legend.margin import margin_direction, margin_raw  # noqa: E402
 from hf_repalign.legend.vector import DEFAULT_REFUSAL, generate_responses  # noqa: E402
@@ -65,10 +69,26 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return round(centre - half, 4), round(centre + half, 4)
 
 
-def auroc(positive: list[float], negative: list[float]) -> float:
-    """P(score of a positive > score of a negative), ties half (Mann-Whitney)."""
-    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+EPSILON = 1e-6  # scores closer than this (to 0, or to each other) are ties: float noise, not a signal
+
+
+def agreement(score: float, epsilon: float = EPSILON) -> float:
+    """1 if the score prefers the chosen response, 0.5 for a tie (|score| <= epsilon), 0 otherwise."""
+    return 0.5 if abs(score) <= epsilon else float(score > 0)
+
+
+def auroc(positive: list[float], negative: list[float], epsilon: float = EPSILON) -> float:
+    """P(score of a positive > score of a negative), scores within ``epsilon`` a tie counted half (Mann-Whitney)."""
+    wins = sum(0.5 if abs(p - q) <= epsilon else float(p > q) for p in positive for q in negative)
     return round(wins / (len(positive) * len(negative)), 4)
+
+
+def save_split(out: Path, report: dict, split: str, table: dict, margins: dict) -> None:
+    """One HH split's table into the report, its margins beside it; both rewritten at once, the table printed."""
+    report[split] = table
+    write_json(out / f"{split}.margins.json", margins)
+    write_json(out / "report.json", report)
+    print(split, json.dumps(table, indent=1), flush=True)
 
 
 def embed(model, tokenizer, triplets, views, batch_size, max_length=None):
@@ -132,7 +152,7 @@ def main() -> None:
                           views, args.batch_size)
         for view in views:
             m = margins(emb, view)
-            checks.setdefault(f"{view[0]}:{view[1]}", {})[refusal] = round(sum(x > 0 for x in m) / len(m), 4)
+            checks.setdefault(f"{view[0]}:{view[1]}", {})[refusal] = round(sum(map(agreement, m)) / len(m), 4)
     report["heldout_refusal_vs_own_answer"] = checks
 
     # 2b. unsafe vs safe prompts, fixed responses
@@ -165,7 +185,7 @@ def main() -> None:
         rows, _ = usable_rows(load_hh_rlhf(split, args.data))
         whole = [item for item, _ in encode_triplets(tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)])]
         diff = [response_length(it, "chosen") - response_length(it, "rejected") for it in whole]
-        score = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diff)
+        score = sum(agreement(-d) for d in diff)
         report[f"{split}_whole_split_length_baseline"] = {"pairs": len(rows), "agreement": round(score / len(rows), 4),
                                                          "ci95": wilson(score, len(rows))}
         print(split, "whole split, length only:", report[f"{split}_whole_split_length_baseline"], flush=True)
@@ -181,7 +201,7 @@ def main() -> None:
         n = len(rows)
         shorter = [i for i in range(n) if diff[i] < 0]
         longer = [i for i in range(n) if diff[i] > 0]
-        baseline = sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diff)
+        baseline = sum(agreement(-d) for d in diff)
         table = {"pairs": n, "prompt_truncated": cut, "seconds": round(seconds, 1),
                  "chosen_shorter": len(shorter), "chosen_longer": len(longer),
                  "length_baseline": round(baseline / n, 4), "length_baseline_ci95": wilson(baseline, n)}
@@ -189,17 +209,14 @@ def main() -> None:
         for view in views:
             m = margins(emb, view)
             saved[f"{view[0]}:{view[1]}"] = m
-            agree = sum(x > 0 for x in m)
+            agree = sum(map(agreement, m))
             table[f"{view[0]}:{view[1]}"] = {
                 "agreement": round(agree / n, 4), "ci95": wilson(agree, n),
-                "agreement_chosen_shorter": round(sum(m[i] > 0 for i in shorter) / max(len(shorter), 1), 4),
-                "agreement_chosen_longer": round(sum(m[i] > 0 for i in longer) / max(len(longer), 1), 4),
+                "agreement_chosen_shorter": round(sum(agreement(m[i]) for i in shorter) / max(len(shorter), 1), 4),
+                "agreement_chosen_longer": round(sum(agreement(m[i]) for i in longer) / max(len(longer), 1), 4),
                 "spearman_vs_length_diff": length_diagnostics(m, diff)["spearman_margin_vs_length_diff"],
             }
-        report[split] = table
-        write_json(args.out / f"{split}.margins.json", saved)
-        write_json(args.out / "report.json", report)
-        print(split, json.dumps(table, indent=1), flush=True)
+        save_split(args.out, report, split, table, saved)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Compare the margins of two annotated files on the pairs they share (e.g. a float32 and a bfloat16 run).
 
-    .venv/bin/python benchmarks/legend_compare_runs.py run_fp32/harmless-base.jsonl run_bf16/harmless-base.jsonl
+    .venv/bin/python evals/legend_compare_runs.py run_fp32/harmless-base.jsonl run_bf16/harmless-base.jsonl
 
 Prints the number of shared pairs, the share with margin_raw > 0 in each, sign agreement and Pearson correlation.
 """

@@ -8,7 +8,7 @@ Rows whose chosen or rejected response is empty cannot be embedded; they are dro
 (``drop_invalid=True``) and listed in the summary. A split whose output and summary exist is reused, so an
 interrupted run continues where it stopped (unfinished splits resume from their checkpoints).
 
-    .venv/bin/python benchmarks/legend_real_data.py --dtype bfloat16
+    .venv/bin/python evals/legend_real_data.py --dtype bfloat16
 
 bfloat16 runs about 3.6x faster than float32 on this machine's AVX512-BF16 CPU; the margins are projected in
 float32 either way.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import pipeline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import parse_dtype, save_figure, write_json  # noqa: E402
 
 import hf_repalign  # noqa: E402, F401

@@ -13,7 +13,7 @@ seeds, with confidence intervals.
    95% bootstrap interval (eval pairs resampled, averaged over seeds), how many eval pairs change outcome, and the
    effect an unpaired comparison of this size could resolve (1.96 standard errors).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_reward_models.py --data /work/shared/data \\
+    OMP_NUM_THREADS=1 .venv/bin/python evals/legend_reward_models.py --data /work/shared/data \\
         --directions outputs/legend_evidence/directions.pt --view=-1:last --train 240 --eval 400 --seeds 0 1 2 \\
         --max_length 128 --bf16 --threads 1
 """
@@ -33,7 +33,7 @@ from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 from trl import RewardConfig, RewardTrainer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from common import write_json  # noqa: E402
 from legend_evidence import wilson  # noqa: E402
 
