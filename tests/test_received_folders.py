@@ -313,20 +313,20 @@ def test_an_empty_or_wrong_base_signature_never_switches_the_layer_check_off(tmp
 def test_a_damaged_annotate_manifest_is_a_different_run_with_the_fix(tmp_path, manifest):
     from types import SimpleNamespace
 
-    from hf_repalign.legend.annotate import _prepare_parts
+    from hf_repalign.legend.checkpoints import prepare_parts
 
     parts = tmp_path / ".out.jsonl.parts"
     parts.mkdir()
     (parts / "manifest.json").write_text(manifest)
     state = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(ValueError, match=r"come from a different run .* rerun with resume=False"):
-        _prepare_parts(parts, {"run": "abc", "rows": 3}, True, state)
+        prepare_parts(parts, {"run": "abc", "rows": 3}, True, state)
 
 
 def test_annotate_parts_that_are_a_link_are_refused(tmp_path):
     from types import SimpleNamespace
 
-    from hf_repalign.legend.annotate import _prepare_parts
+    from hf_repalign.legend.checkpoints import prepare_parts
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -337,7 +337,7 @@ def test_annotate_parts_that_are_a_link_are_refused(tmp_path):
     state = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     for resume in (True, False):
         with pytest.raises(ValueError, match="is a link; delete it and rerun"):
-            _prepare_parts(parts, {"run": "abc"}, resume, state)
+            prepare_parts(parts, {"run": "abc"}, resume, state)
     assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
 
 

@@ -66,7 +66,7 @@ def test_the_cli_config_and_the_rahf_and_annotate_datasets_read_through_here(tmp
     """Entry points that read users' files themselves: ``--config`` YAML, ``repalign rahf --dataset`` files and
     ``annotate``'s ``.json`` datasets. Each accepts a BOM and names the file and line of a bad byte."""
     from hf_repalign import cli
-    from hf_repalign.legend.annotate import _read_file
+    from hf_repalign.legend.data import _read_file
     from hf_repalign.rahf.cli import load_rows
 
     config = tmp_path / "c.yaml"
