@@ -57,7 +57,7 @@ def test_missing_dataset_is_a_clear_error(setup, capsys):
     tmp_path, model_dir, _ = setup
     assert cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "x"),
                      "--report_to", "none"]) == 2
-    assert "repalign: error: --dataset is required" in capsys.readouterr().err
+    assert "repalign: error: --dataset_name is required" in capsys.readouterr().err
 
 
 def test_align_takes_lora_flags_not_peft_flags(setup, capsys):

@@ -35,7 +35,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 from accelerate.utils import gather_object, parse_flag_from_env
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 from transformers.utils import logging
 
 from ..text_files import read_jsonl
