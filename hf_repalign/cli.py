@@ -101,9 +101,7 @@ def _leaf_parser_class():
             positional = "".join(f" [{a.metavar} ...]" for a in self._actions if not a.option_strings)
             return f"usage: {self.prog} [--config FILE.yaml] [OPTIONS]{positional}  ({self.prog} --help lists them)\n"
 
-        def error(self, message: str):
-            self.print_usage(sys.stderr)
-            self.exit(2, f"{PROG}: error: {self.prog.removeprefix(PROG + ' ')}: {one_line(message)}\n")
+        error = _Parser.error
 
     return LeafParser
 
@@ -191,7 +189,7 @@ def _refuse_unknown_flags(leaf: argparse.ArgumentParser, argv: list[str]) -> Non
             action.required = True
     unknown = [e.split("=", 1)[0] for e in extras if e.startswith("--") or (e.startswith("-") and len(e) == 2)]
     if unknown:
-        leaf.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''} "
+        leaf.error(f"{leaf.prog.removeprefix(PROG + ' ')}: unrecognized argument{'s' if len(unknown) > 1 else ''} "
                    f"{', '.join(_suggest(u, leaf) for u in unknown)}")
 
 
@@ -346,7 +344,12 @@ HUB_UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError", "NameRes
 
 
 def cannot_reach_hub(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) is a failed connection, not an answer from the Hub."""
+    """Whether ``err`` (or what caused it) is a failed connection, not an answer from the Hub (offline, the
+    libraries' own errors say what is missing from the cache)."""
+    from .hub import hub_offline
+
+    if hub_offline():
+        return False
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -109,6 +109,10 @@ CASES = [
      "invalid float value: 'fast'"),
     (["rahf", "dual", "--dataset_name", "{root}/nope.jsonl", "--output_dir", "{root}/d", "--use_cpu"], 1,
      "does not exist"),
+    (["legend", "annotate", "--dataset_name", "someone-unknown/prefs", "--vector", "{vec}", "--output",
+      "{root}/o.jsonl"], 1, "--dataset_name 'someone-unknown/prefs' is not a local path and HF_HUB_OFFLINE=1"),
+    (["legend", "fit-vector", "--dataset_name", "walledai/AdvBench", "--output_dir", "{root}/v1"], 1,
+     "--dataset_name 'walledai/AdvBench' is not a local path and HF_HUB_OFFLINE=1"),
     (["rahf", "dual", "--dataset_name", "someone-unknown/prefs", "--output_dir", "{root}/d", "--use_cpu"], 1,
      "HF_HUB_OFFLINE=1"),
 ]
@@ -211,6 +215,7 @@ def test_a_hub_that_cannot_be_reached_is_named_in_one_line(files, monkeypatch, c
         raise RuntimeError("upload failed") from ConnectError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(Vector, "push_to_hub", offline)
+    monkeypatch.setattr("hf_repalign.hub.hub_offline", lambda: False)  # as with network access allowed
     argv = [a.format(**files) for a in FIT] + ["--output_dir", files["root"] + "/pushed", "--push_to_hub",
                                                "--hub_model_id", "org/vec", "--layer", "2"]
     assert cli.main(argv) == 1

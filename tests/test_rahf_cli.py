@@ -36,10 +36,11 @@ def test_scit_then_align_with_flags_and_yaml(setup, tokenizer):
     assert (adapter["r"], adapter["lora_alpha"]) == (4, 12)
     config = tmp_path / "align.yaml"
     config.write_text(f"alpha: 2.0\ntarget_layers: [1, 2]\ninstructed: ['{tmp_path / 'scit'}']\n"
-                      f"output_dir: {tmp_path / 'rahf'}\ndataset_name: toy\n")
+                      f"output_dir: {tmp_path / 'rahf'}\n")
     assert cli.main(["rahf", "align", "--config", str(config), *common]) == 0
     card = (tmp_path / "rahf" / "README.md").read_text()
-    assert "| alpha | 2.0 |" in card and "1, 2" in card and "toy" in card
+    assert "| alpha | 2.0 |" in card and "1, 2" in card
+    assert "prefs.jsonl" not in card  # --dataset_name is the data: a local path is not recorded, a Hub id is
     PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), str(tmp_path / "rahf"))
 
 
