@@ -280,11 +280,14 @@ def _cell(action: argparse.Action) -> str:
     return f"`{text[:40]}`" if text else "-"
 
 
+SHARED_TRAINER_OPTIONS = ("output_dir", "push_to_hub", "hub_model_id")  # TrainingArguments' words we use everywhere
+
+
 def options_table() -> str:
-    """Every option of every command as Markdown, from the parsers: our options, then the trainer options that the
-    RAHF commands inherit from ``TrainingArguments`` / TRL's configs (docs/cli.md)."""
-    ours: dict[str, dict] = {}
-    trainer: dict[str, dict] = {}
+    """Every option of every command as Markdown, from the parsers (docs/cli.md). The options the RAHF commands
+    inherit from ``TrainingArguments`` / TRL's configs are left out (they change with those libraries' versions),
+    except the shared vocabulary (:data:`SHARED_TRAINER_OPTIONS`)."""
+    rows: dict[str, dict] = {}
     names = [" ".join(c.path) for c in COMMANDS]
     for command, name in zip(COMMANDS, names):
         leaf, args_class = leaf_parser(command)
@@ -292,27 +295,19 @@ def options_table() -> str:
         for action in leaf._actions:
             if not action.option_strings or action.dest == "help" or action.option_strings[0].startswith("--no_"):
                 continue
-            library = action.dest in fields and _owner(args_class, action.dest).__module__.startswith(
-                ("transformers.", "trl."))
-            row = (trainer if library else ours).setdefault(action.option_strings[0], {
+            if action.dest in fields and action.dest not in SHARED_TRAINER_OPTIONS and _owner(
+                    args_class, action.dest).__module__.startswith(("transformers.", "trl.")):
+                continue
+            row = rows.setdefault(action.option_strings[0], {
                 "aliases": [], "help": one_line(action.help or "").replace("|", "\\|"), "cells": {}})
             row["aliases"] += [o for o in action.option_strings[1:] if o != "--" + action.dest.replace("_", "-")
                                and o not in row["aliases"]]
             row["cells"][name] = _cell(action)
-
-    def table(rows: dict[str, dict], columns: list[str], help_width: int) -> list[str]:
-        lines = ["| option | " + " | ".join(columns) + " | help |", "|---" * (len(columns) + 2) + "|"]
-        for option, row in rows.items():
-            flag = f"`{option}`" + "".join(f" (`{a}`)" for a in row["aliases"])
-            text = row["help"] if len(row["help"]) <= help_width else row["help"][:help_width - 3] + "..."
-            lines.append(f"| {flag} | " + " | ".join(row["cells"].get(c, "") for c in columns) + f" | {text} |")
-        return lines
-
-    rahf = [n for n in names if n.startswith("rahf")]
-    return "\n".join(["Our options (a cell is the default; empty: the command has no such option):", "",
-                      *table(ours, names, 300), "",
-                      "Trainer options of `rahf scit|dual|align` (from `TrainingArguments` and TRL's configs; a cell "
-                      "is the default):", "", *table(trainer, rahf, 160)]) + "\n"
+    lines = ["| option | " + " | ".join(names) + " | help |", "|---" * (len(names) + 2) + "|"]
+    for option, row in rows.items():
+        flag = f"`{option}`" + "".join(f" (`{a}`)" for a in row["aliases"])
+        lines.append(f"| {flag} | " + " | ".join(row["cells"].get(c, "") for c in names) + f" | {row['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _parse(argv: list[str]) -> tuple[Command, object]:
@@ -410,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         return fail(err, 2)
     run: Callable[[object], int | None] = _load(command.run)
+    if getattr(args, "disable_tqdm", False):  # our bars and transformers' (trainers read it from their arguments)
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         if command.path[0] == "legend":
             from . import register_pipeline

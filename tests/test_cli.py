@@ -250,3 +250,29 @@ def test_config_supplies_required_arguments_and_flags_override_it(files, tmp_pat
     assert cli.main(["legend", "fit-vector", "--config", str(config), "--layer", "2"]) == 0
     vec = MarginVector.from_pretrained(tmp_path / "from_yaml")
     assert (vec.layer, vec.n_pairs) == (2, 2)
+
+
+def test_disable_tqdm_hides_the_progress_bars(files, tmp_path, capfd):
+    from transformers.utils import logging
+
+    argv = [a.format(**files) for a in FIT] + ["--layer", "2"]
+    capfd.readouterr()
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "shown")]) == 0
+    assert "fit margin vector" in capfd.readouterr().err
+    try:
+        assert cli.main([*argv, "--output_dir", str(tmp_path / "hidden"), "--disable_tqdm"]) == 0
+        assert "fit margin vector" not in capfd.readouterr().err
+    finally:
+        logging.enable_progress_bar()
+
+
+def test_the_length_check_is_a_sentence():
+    from hf_repalign.legend.cli import describe_length_check
+
+    text = describe_length_check({"pairs": 40, "pearson_margin_vs_length_diff": -0.61,
+                                  "spearman_margin_vs_length_diff": -0.7, "length_dominates": True})
+    assert text == ("length check over 40 pairs: margin_raw vs (chosen - rejected) length, Spearman -0.70, Pearson "
+                    "-0.61; the margins mostly follow which response is shorter: compare with a length-only baseline")
+    assert "not computed (2 pairs" in describe_length_check({"pairs": 2, "pearson_margin_vs_length_diff": None,
+                                                             "spearman_margin_vs_length_diff": None,
+                                                             "length_dominates": False})

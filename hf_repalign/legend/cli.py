@@ -78,6 +78,7 @@ class FitVectorArguments:
                 "on a local folder whose config records no Hub id)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Save even if --output_dir holds another artifact (its clashing files are replaced; others kept)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (as in TrainingArguments)."})
 
     def __post_init__(self):
         _at_least(self, 1, "num_prompts", "max_new_tokens", "batch_size")
@@ -117,6 +118,7 @@ class AnnotateArguments:
     drop_invalid: bool = field(
         default=False, metadata={"help": "Leave out rows that are not valid pairs (e.g. empty responses), listed."}
     )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (as in TrainingArguments)."})
 
     def __post_init__(self):
         _at_least(self, 0, "num_bins")

@@ -40,6 +40,7 @@ class GenerateArguments:
     repetition_penalty: float = field(default=1.0, metadata={
         "help": "generate's repetition penalty; acts on the aligned scores."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (as in TrainingArguments)."})
 
     def __post_init__(self):
         if not self.question:
