@@ -1,13 +1,11 @@
-"""Wall time of ``repalign ... --help`` for every command (the target: under 2 s), in fresh processes.
+"""Wall time of ``repalign ... --help`` for every command, in fresh processes.
 
-Each command runs ``--repeats`` times and the median is reported. The RAHF commands' arguments are
-``TrainingArguments`` (they import torch), so their help comes from a description of their parser: the one shipped
-in ``hf_repalign/cli_help.json`` when it holds for the installed versions, else one built on the first call and
-kept under ``$HF_HOME/hf_repalign/cli-help``. ``cold`` is the first call with a fresh ``HF_HOME``. Give
-``--repalign`` another console script (e.g. an older install) to compare; several executables are measured
-interleaved.
+Each command runs ``--repeats`` times and the median is reported; ``cold`` is the first call with a fresh
+``HF_HOME``. The RAHF commands' arguments are ``TrainingArguments`` subclasses, so their help imports torch and
+accelerate; ``trl sft --help`` is timed the same way for comparison. Give ``--repalign`` another console script
+(e.g. an older install) to compare; several executables are measured interleaved.
 
-    python benchmarks/cli_help.py --repalign .venv/bin/repalign /work/main/.venv/bin/repalign --repeats 3
+    python benchmarks/cli_help.py --repalign .venv/bin/repalign --repeats 3
 """
 
 from __future__ import annotations
@@ -49,6 +47,9 @@ def main() -> None:
                     warm[e].append(timed(e, words, dict(env, HF_HOME=homes[e])))
             row = "".join(f"{cold[e]:>20.2f} s{statistics.median(warm[e]):>14.2f} s" for e in args.repalign)
             print(f"{'repalign ' + ' '.join(words):<28}{row}", flush=True)
+        trl = str(Path(args.repalign[0]).parent / "trl")
+        times = [timed(trl, ["sft"], dict(env, HF_HOME=home)) for _ in range(1 + args.repeats)]
+        print(f"{'trl sft (reference)':<28}{times[0]:>20.2f} s{statistics.median(times[1:]):>14.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,14 @@ flags on the command line override it (TRL's ``TrlParser``). Every user error en
 ``repalign: error: ...`` with exit code 2 (bad arguments) or 1 (failed at run time); ``--debug`` (or
 ``REPALIGN_DEBUG=1``) also prints the traceback.
 
-Only the chosen command's argument module is imported, and the argument modules are light, so ``--help`` answers
-fast; the RAHF commands' arguments are ``TrainingArguments`` (which import torch), so their help is printed from a
-description of their parser (``cli_help.py``).
+One vocabulary, TRL's: ``--model_name_or_path`` (alias ``--model``), ``--dataset_name`` (a Hub id or a local path)
+with ``--dataset_config`` / ``--dataset_split``, ``--output_dir``, ``--push_to_hub`` + ``--hub_model_id``. Older
+names still work as aliases and print a deprecation note. An unknown flag is named with the command's usage and the
+closest valid option.
+
+Only the chosen command's argument module is imported: ``repalign generate|legend ... --help`` answers in a fraction
+of a second; the RAHF commands' arguments are ``TrainingArguments`` (which import torch), so their ``--help`` takes
+as long as ``trl sft --help`` (docs/cli.md).
 
 Example:
     $ repalign generate "How do I pick a lock?" --principle "Be harmless." --alpha 2
@@ -17,19 +22,22 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import importlib
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # a --dtype flag: argparse checks the choice
 PROG = "repalign"
+KEPT_ALIASES = {"--model"}  # other aliases of an option are its older names: using one prints a deprecation note
 
 
 class UsageError(ValueError):
@@ -45,7 +53,6 @@ class Command:
     args: str
     run: str
     positional: str | None = None  # a list field that may also be given as bare words
-    cached_help: bool = False  # its arguments import torch: --help from a description (cli_help.py)
 
 
 GROUPS = {
@@ -64,11 +71,11 @@ COMMANDS = (
     Command(("legend", "annotate"), "Add LEGEND `margin_raw` and binned `margin` columns to a preference dataset.",
             "hf_repalign.legend.cli:AnnotateArguments", "hf_repalign.legend.cli:run_annotate"),
     Command(("rahf", "scit"), "Step 1a: contrastive instruction tuning (Eq. 1).",
-            "hf_repalign.rahf.cli:SCITCommand", "hf_repalign.rahf.cli:run_scit", cached_help=True),
+            "hf_repalign.rahf.cli:SCITCommand", "hf_repalign.rahf.cli:run_scit"),
     Command(("rahf", "dual"), "Step 1b: good and bad models on chosen / rejected.",
-            "hf_repalign.rahf.cli:DualCommand", "hf_repalign.rahf.cli:run_dual", cached_help=True),
+            "hf_repalign.rahf.cli:DualCommand", "hf_repalign.rahf.cli:run_dual"),
     Command(("rahf", "align"), "Step 2: train the RAHF LoRA adapter.",
-            "hf_repalign.rahf.cli:AlignCommand", "hf_repalign.rahf.cli:run_align", cached_help=True),
+            "hf_repalign.rahf.cli:AlignCommand", "hf_repalign.rahf.cli:run_align"),
 )
 
 
@@ -93,6 +100,10 @@ def _leaf_parser_class():
     from trl.scripts.utils import TrlParser  # light: argparse + TRL's copy of HfArgumentParser
 
     class LeafParser(TrlParser):
+        def format_usage(self) -> str:  # a command's full usage is as long as its --help (TrainingArguments)
+            positional = "".join(f" [{a.metavar} ...]" for a in self._actions if not a.option_strings)
+            return f"usage: {self.prog} [--config FILE.yaml] [OPTIONS]{positional}  ({self.prog} --help lists them)\n"
+
         error = _Parser.error
 
     return LeafParser
@@ -135,6 +146,78 @@ def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _primary(action: argparse.Action) -> str:
+    return action.option_strings[0]
+
+
+def option_aliases(leaf: argparse.ArgumentParser) -> dict[str, str]:
+    """Every other name of an option of ``leaf`` (``--model``, ``--output``, ...) -> its current name."""
+    aliases = {}
+    for action in leaf._actions:
+        if not action.option_strings or not action.option_strings[0].startswith("--"):
+            continue
+        current = {f"--{action.dest}", f"--{action.dest.replace('_', '-')}"}
+        for option in action.option_strings:
+            if option not in current and not option.startswith(("--no_", "--no-")):
+                aliases[option] = _primary(action)
+    return aliases
+
+
+def renamed_options(leaf: argparse.ArgumentParser) -> dict[str, str]:
+    """Older option names still accepted by ``leaf`` (aliases not in :data:`KEPT_ALIASES`) -> the current name."""
+    return {old: new for old, new in option_aliases(leaf).items() if old not in KEPT_ALIASES}
+
+
+def _closest(word: str, leaf: argparse.ArgumentParser) -> str | None:
+    """The current name of the option closest to ``word`` (a typo), if one is close."""
+    owner = {o: _primary(a) for a in leaf._actions for o in a.option_strings if o.startswith("--")}
+    match = difflib.get_close_matches(word, list(owner), n=1, cutoff=0.6)
+    return owner[match[0]] if match else None
+
+
+def _suggest(word: str, leaf: argparse.ArgumentParser) -> str:
+    closest = _closest(word, leaf)
+    return f"{word} (did you mean {closest}?)" if closest else word
+
+
+def _refuse_unknown_flags(leaf: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name unknown flags (and the option each probably meant) before argparse reports a missing required one."""
+    required = [a for a in leaf._actions if a.required]
+    for action in required:
+        action.required = False
+    try:
+        _, extras = leaf.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    unknown = [e.split("=", 1)[0] for e in extras if e.startswith("--") or (e.startswith("-") and len(e) == 2)]
+    if unknown:
+        leaf.error(f"{leaf.prog.removeprefix(PROG + ' ')}: unrecognized argument{'s' if len(unknown) > 1 else ''} "
+                   f"{', '.join(_suggest(u, leaf) for u in unknown)}")
+
+
+def _note_renamed(leaf: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Warn once per older option name used; ``--push_to_hub REPO_ID`` (the old form) becomes
+    ``--push_to_hub --hub_model_id REPO_ID``."""
+    renamed = renamed_options(leaf)
+    out = []
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if name in renamed:
+            _warn(f"{name} is deprecated; use {renamed[name]}.")
+        out.append(arg)
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if (arg == "--push_to_hub" and value is not None and not value.startswith("-") and "--hub_model_id"
+                in leaf._option_string_actions and value.lower() not in ("true", "false", "yes", "no", "1", "0")):
+            _warn(f"--push_to_hub {value} is deprecated; use --push_to_hub --hub_model_id {value}.")
+            out.append("--hub_model_id")
+    return out
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
 def _apply_config(leaf, argv: list[str]) -> list[str]:
     """Make a ``--config`` YAML supply defaults (TRL's ``set_defaults_with_config``); returns argv without it."""
     import yaml
@@ -158,10 +241,16 @@ def _apply_config(leaf, argv: list[str]) -> list[str]:
         raise UsageError(f"--config: {path} is not valid YAML: {one_line(err)}") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config: {path} must hold a mapping of argument names to values.")
+    for old, new in option_aliases(leaf).items():
+        if old[2:] in values:
+            if old not in KEPT_ALIASES:
+                _warn(f"--config: {path}: key {old[2:]!r} is deprecated; use {new[2:]!r}.")
+            values[new[2:]] = values.pop(old[2:])
     unknown = leaf.set_defaults_with_config(**values)[::2]
     if unknown:
-        known = sorted(a.dest for a in leaf._actions if a.dest not in ("help", "config", "_positional"))
-        raise UsageError(f"--config: {path} has unknown argument(s) {[u[2:] for u in unknown]}; known: {known}.")
+        names = ", ".join(repr(u[2:]) + ("" if _closest(u, leaf) is None else f" (did you mean "
+                                          f"{_closest(u, leaf)[2:]!r}?)") for u in unknown)
+        raise UsageError(f"--config: {path} has unknown argument(s) {names}; `{leaf.prog} --help` lists them.")
     for action in leaf._actions:  # argparse checks choices of command-line values only
         if action.dest in values and action.choices is not None:
             chosen = values[action.dest]
@@ -186,31 +275,61 @@ def leaf_parser(command: Command) -> tuple[argparse.ArgumentParser, type]:
     return parser._defaults["_leaf"], parser._defaults["_args_class"]
 
 
-def _print_help(argv: list[str], command: Command | None) -> bool:
-    """Print a heavy command's ``--help`` without importing its arguments when it can; ``True`` if printed."""
-    if command is None or not command.cached_help:
-        return False
-    words = [i for i, a in enumerate(argv) if not a.startswith("-")][: len(command.path)]
-    if not {"-h", "--help"} & set(argv[words[-1] + 1:]):  # "rahf --help scit" is the group's help
-        return False
-    from .cli_help import print_help
+def _owner(args_class: type, name: str) -> type:
+    return next(c for c in args_class.__mro__ if name in c.__dict__.get("__annotations__", {}))
 
-    print_help("-".join(command.path), lambda: leaf_parser(command))
-    return True
+
+def _cell(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    default = action.default
+    text = "" if default is None or default == [] else repr(default.value if hasattr(default, "value") else default)
+    return f"`{text[:40]}`" if text else "-"
+
+
+SHARED_TRAINER_OPTIONS = ("output_dir", "push_to_hub", "hub_model_id")  # TrainingArguments' words we use everywhere
+
+
+def options_table() -> str:
+    """Every option of every command as Markdown, from the parsers (docs/cli.md). The options the RAHF commands
+    inherit from ``TrainingArguments`` / TRL's configs are left out (they change with those libraries' versions),
+    except the shared vocabulary (:data:`SHARED_TRAINER_OPTIONS`)."""
+    rows: dict[str, dict] = {}
+    names = [" ".join(c.path) for c in COMMANDS]
+    for command, name in zip(COMMANDS, names):
+        leaf, args_class = leaf_parser(command)
+        fields = {f.name for f in dataclasses.fields(args_class)}
+        for action in leaf._actions:
+            if not action.option_strings or action.dest == "help" or action.option_strings[0].startswith("--no_"):
+                continue
+            if action.dest in fields and action.dest not in SHARED_TRAINER_OPTIONS and _owner(
+                    args_class, action.dest).__module__.startswith(("transformers.", "trl.")):
+                continue
+            row = rows.setdefault(action.option_strings[0], {
+                "aliases": [], "help": one_line(action.help or "").replace("|", "\\|"), "cells": {}})
+            row["aliases"] += [o for o in action.option_strings[1:] if o != "--" + action.dest.replace("_", "-")
+                               and o not in row["aliases"]]
+            row["cells"][name] = _cell(action)
+    lines = ["| option | " + " | ".join(names) + " | help |", "|---" * (len(names) + 2) + "|"]
+    for option, row in rows.items():
+        flag = f"`{option}`" + "".join(f" (`{a}`)" for a in row["aliases"])
+        lines.append(f"| {flag} | " + " | ".join(row["cells"].get(c, "") for c in names) + f" | {row['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _parse(argv: list[str]) -> tuple[Command, object]:
     command = _select(argv)
-    if _print_help(argv, command):
-        raise SystemExit(0)
     parser = build_parser(command)
-    if command is None:
+    if command is None or argv[:len(command.path)] != list(command.path):  # no command, or a group's --help
         parser.parse_args(argv)  # prints the usage error or help and exits
         raise UsageError(f"unknown command {' '.join(argv)!r}.")
     leaf = parser._defaults["_leaf"]
-    argv = _apply_config(leaf, argv)
-    namespace = parser.parse_args(argv)
-    args_class = namespace._args_class
+    argv = _note_renamed(leaf, argv[len(command.path):])
+    if not {"-h", "--help"} & set(argv):
+        argv = _apply_config(leaf, argv)
+        _refuse_unknown_flags(leaf, argv)
+    namespace = leaf.parse_args(argv)
+    args_class = parser._defaults["_args_class"]
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(args_class) if f.init}
     if command.positional and namespace._positional:
         values[command.positional] = list(values[command.positional] or []) + namespace._positional
@@ -220,6 +339,58 @@ def _parse(argv: list[str]) -> tuple[Command, object]:
         raise UsageError(str(err)) from err
     check_finite(args)
     return command, args
+
+
+HUB_UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError", "MaxRetryError",
+                   "gaierror", "ProxyError")  # httpx, requests, urllib3 and socket names for "no connection"
+
+
+def cannot_reach_hub(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a failed connection, not an answer from the Hub (offline, the
+    libraries' own errors say what is missing from the cache)."""
+    from .hub import hub_offline
+
+    if hub_offline():
+        return False
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConnectionError) or any(c.__name__ in HUB_UNREACHABLE for c in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def hub_unreachable_message(what: str) -> str:
+    return (f"cannot reach the Hugging Face Hub for {what}; set HF_HUB_OFFLINE=1 to use local files and the HF "
+            "cache only, or check the network (HF_ENDPOINT, HTTPS_PROXY).")
+
+
+@contextlib.contextmanager
+def reaching_hub(what: str) -> Iterator[None]:
+    """Turn a failed connection inside the block into one :class:`ConnectionError` naming ``what`` was wanted."""
+    try:
+        yield
+    except Exception as err:
+        if cannot_reach_hub(err):
+            raise ConnectionError(hub_unreachable_message(what)) from err
+        raise
+
+
+def load_hub_dataset(name: str, config: str | None = None, split: str = "train", what: str = "--dataset_name"):
+    """``datasets.load_dataset(name, config, split=split)``, with one-line errors for a Hub that cannot be used."""
+    from datasets import load_dataset
+
+    from .hub import HubAccessError, hub_offline
+
+    with reaching_hub(f"the dataset {name!r} ({what})"):
+        try:
+            return load_dataset(name, config, split=split)
+        except Exception as err:  # datasets' offline errors vary; the cause is one
+            if not hub_offline():
+                raise
+            raise HubAccessError(f"{what} {name!r} is not a local path and HF_HUB_OFFLINE=1 forbids downloading it "
+                                 "from the Hub (it is not in the datasets cache).") from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         return fail(err, 2)
     run: Callable[[object], int | None] = _load(command.run)
+    if getattr(args, "disable_tqdm", False):  # our bars and transformers' (trainers read it from their arguments)
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         if command.path[0] == "legend":
             from . import register_pipeline
@@ -256,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exit.code or 0
         return fail(exit, 1, str(exit.code).removeprefix(f"{PROG}: error: "))
     except Exception as err:  # noqa: BLE001  (a CLI reports, the library raises)
+        if cannot_reach_hub(err) and "cannot reach the Hugging Face Hub" not in str(err):
+            return fail(err, 1, hub_unreachable_message(f"`{PROG} {' '.join(command.path)}`"))
         expected = isinstance(err, (ValueError, OSError, KeyError, ImportError, RuntimeError))
         message = str(err) if expected else f"{type(err).__name__}: {err}"
         if isinstance(err, KeyError):

@@ -1,11 +1,32 @@
-"""Shared fixtures: tiny models built in code, the embedded model, launchers. Float-comparison rule: tests/README.md."""
+"""Shared fixtures: tiny models built in code, the embedded model, launchers. Float-comparison rule: tests/README.md.
+
+Hermetic: before anything imports huggingface_hub (which reads these variables once), every cache points into one
+temporary folder per test session, so no test reads or writes the user's ``$HF_HOME`` or ``~/.cache`` and the
+user's environment cannot change a result. The embedded model is converted into it once per session.
+"""
 
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SESSION_CACHE = tempfile.mkdtemp(prefix="repalign-tests-")
+CACHE_VARIABLES = {
+    "HF_HOME": "hf",
+    "HF_HUB_CACHE": "hf/hub",
+    "HF_MODULES_CACHE": "hf/modules",
+    "HF_DATASETS_CACHE": "hf/datasets",
+    "XDG_CACHE_HOME": "xdg",  # torch, matplotlib and the rest of ~/.cache
+    "TRITON_CACHE_DIR": "xdg/triton",
+}
+for _variable, _folder in CACHE_VARIABLES.items():
+    os.environ[_variable] = os.path.join(SESSION_CACHE, _folder)
+# Older or more specific names that would win over HF_HOME, the user's token and data folder, debug switch.
+for _variable in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN",
+                  "HF_TOKEN_PATH", "HF_REPALIGN_DATA", "REPALIGN_DEBUG"):
+    os.environ.pop(_variable, None)
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
-import shutil  # noqa: E402
+import atexit  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -15,6 +36,7 @@ import torch  # noqa: E402
 from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +68,7 @@ def gpt2(tokenizer):
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The embedded SmolLM2-135M-Instruct (converted once into the HF cache)."""
+    """The embedded SmolLM2-135M-Instruct (converted once per session into the session's HF cache)."""
     from hf_repalign.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer()

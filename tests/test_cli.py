@@ -51,9 +51,10 @@ def _unit(n):
     return torch.ones(n) / n ** 0.5
 
 
-FIT = ["legend", "fit-vector", "--model", "{model}", "--prompts", "{prompts}", "--harmful_column", "target"]
-ANNOTATE = ["legend", "annotate", "--model", "{model}", "--dataset", "{prefs}", "--vector", "{vec}"]
-ALIGN = ["rahf", "align", "--model_name_or_path", "{model}", "--dataset", "{prefs}", "--report_to", "none",
+FIT = ["legend", "fit-vector", "--model_name_or_path", "{model}", "--dataset_name", "{prompts}", "--harmful_column",
+       "target"]
+ANNOTATE = ["legend", "annotate", "--model_name_or_path", "{model}", "--dataset_name", "{prefs}", "--vector", "{vec}"]
+ALIGN = ["rahf", "align", "--model_name_or_path", "{model}", "--dataset_name", "{prefs}", "--report_to", "none",
          "--use_cpu", "--max_steps", "1"]
 CASES = [
     # (argv, exit code, part of the message)
@@ -61,29 +62,38 @@ CASES = [
     (["generate", "q", "--alpha", "nan"], 2, "--alpha: must be a finite number"),
     (["generate", "q", "--max_new_tokens", "0"], 2, "--max_new_tokens: must be >= 1"),
     (["generate", "q", "--dtype", "bf16"], 2, "argument --dtype: invalid choice"),
-    (["generate", "q", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["generate", "q", "--bogus"], 2, "generate: unrecognized argument --bogus"),
+    (["generate", "q", "--alpah", "2"], 2, "unrecognized argument --alpah (did you mean --alpha?)"),
+    (["rahf", "align", "--methd", "dual"], 2, "rahf align: unrecognized argument --methd (did you mean --method?)"),
+    (["legend", "annotate", "--datset", "x", "--vector", "v", "--output", "o.jsonl"], 2,
+     "unrecognized argument --datset (did you mean --dataset_name?)"),
+    (["legend", "fit-vector", "--output_dir", "x", "--promt_column", "goal"], 2,  # before "required: --dataset_name"
+     "unrecognized argument --promt_column (did you mean --prompt_column?)"),
     (["generate", "q", "--model", "./no/such/model"], 1, "'./no/such/model' does not exist"),
     (["generate", "q", "--model", "someone-unknown/model"], 1, "HF_HUB_OFFLINE=1"),
     (["nonsense"], 2, "invalid choice: 'nonsense'"),
-    ([*FIT, "--output", "{root}/v1", "--num_prompts", "0"], 2, "--num_prompts: must be >= 1"),
-    ([*FIT, "--output", "{root}/v1", "--pooling", "max"], 2, "argument --pooling: invalid choice"),
-    ([*FIT[:4], "--output", "{root}/v1"], 2, "required: --prompts"),
-    ([*FIT, "--output", "{root}/v1", "--layer", "99"], 1, "layer"),
-    ([*FIT, "--output", "{model}"], 1, "--output is the same path as --model"),
-    ([*FIT, "--output", "{wide}/../model"], 1, "--output is the same path as --model"),
-    ([*FIT, "--output", "{file}"], 1, "is a file"),
-    ([*FIT, "--output", "{ro}"], 1, "not writable"),
-    ([*FIT, "--output", "{root}/v1", "--push_to_hub", "bad name!"], 2, "is not a Hub repo id"),
-    (["legend", "fit-vector", "--prompts", "{root}/missing.csv", "--output", "{root}/v1"], 1, "does not exist"),
+    ([*FIT, "--output_dir", "{root}/v1", "--num_prompts", "0"], 2, "--num_prompts: must be >= 1"),
+    ([*FIT, "--output_dir", "{root}/v1", "--pooling", "max"], 2, "argument --pooling: invalid choice"),
+    ([*FIT[:4], "--output_dir", "{root}/v1"], 2, "required: --dataset_name"),
+    ([*FIT, "--output_dir", "{root}/v1", "--layer", "99"], 1, "layer"),
+    ([*FIT, "--output_dir", "{model}"], 1, "--output_dir is the same path as --model_name_or_path"),
+    ([*FIT, "--output_dir", "{wide}/../model"], 1, "--output_dir is the same path as --model_name_or_path"),
+    ([*FIT, "--output_dir", "{file}"], 1, "is a file"),
+    ([*FIT, "--output_dir", "{ro}"], 1, "not writable"),
+    ([*FIT, "--output_dir", "{root}/v1", "--push_to_hub", "--hub_model_id", "bad name!"], 2,
+     "--hub_model_id: 'bad name!' is not a Hub repo id"),
+    ([*FIT, "--output_dir", "{root}/v1", "--push_to_hub", "bad name!"], 2, "--hub_model_id: 'bad name!' is not"),
+    (["legend", "fit-vector", "--dataset_name", "{root}/missing.csv", "--output_dir", "{root}/v1"], 1,
+     "does not exist"),
     ([*ANNOTATE, "--output", "{root}/o.jsonl", "--num_bins", "-1"], 2, "--num_bins: must be >= 0"),
-    ([*ANNOTATE, "--output", "{prefs}"], 1, "same path as --dataset"),
+    ([*ANNOTATE, "--output", "{prefs}"], 1, "same path as --dataset_name"),
     ([*ANNOTATE, "--output", "{dir}"], 1, "is a folder"),
     ([*ANNOTATE, "--output", "{root}/o.txt"], 1, "unsupported suffix"),
     ([*ANNOTATE, "--output", "{ro}.jsonl"], 1, "not writable"),
     ([*ANNOTATE[:-1], "{wide}", "--output", "{root}/o.jsonl"], 1, "hidden size 64"),
     ([*ANNOTATE[:-1], "{root}/no_vec", "--output", "{root}/o.jsonl"], 1, "does not exist"),
     ([*ANNOTATE[:-1], "{model}", "--output", "{root}/o.jsonl"], 1, "does not hold a LEGEND margin vector"),
-    (["legend", "annotate", "--dataset", "{root}/missing.jsonl", "--vector", "{vec}", "--output", "{root}/o.jsonl"],
+    (["legend", "annotate", "--dataset_name", "{root}/missing.jsonl", "--vector", "{vec}", "--output", "{root}/o.jsonl"],
      1, "'{root}/missing.jsonl' does not exist"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--alpha", "nan"], 2, "must be a finite number"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{root}/r", "--method", "xyz"], 2, "method must be one of"),
@@ -92,14 +102,18 @@ CASES = [
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{other}"], 1, "is not a PEFT adapter folder"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{ro}"], 1, "not writable"),
     ([*ALIGN, "--instructed", "{vec}", "--output_dir", "{vec}"], 1, "--output_dir is the same path as --instructed"),
-    (["rahf", "scit", "--model_name_or_path", "{model}", "--dataset", "{prefs}", "--output_dir", "{model}",
+    (["rahf", "scit", "--model_name_or_path", "{model}", "--dataset_name", "{prefs}", "--output_dir", "{model}",
       "--use_cpu"], 1, "--output_dir is the same path as --model_name_or_path"),
-    (["rahf", "scit", "--output_dir", "{root}/s", "--report_to", "none"], 2, "--dataset is required"),
-    (["rahf", "scit", "--dataset", "{prefs}", "--output_dir", "{root}/s", "--learning_rate", "fast"], 2,
+    (["rahf", "scit", "--output_dir", "{root}/s", "--report_to", "none"], 2, "--dataset_name is required"),
+    (["rahf", "scit", "--dataset_name", "{prefs}", "--output_dir", "{root}/s", "--learning_rate", "fast"], 2,
      "invalid float value: 'fast'"),
-    (["rahf", "dual", "--dataset", "{root}/nope.jsonl", "--output_dir", "{root}/d", "--use_cpu"], 1,
+    (["rahf", "dual", "--dataset_name", "{root}/nope.jsonl", "--output_dir", "{root}/d", "--use_cpu"], 1,
      "does not exist"),
-    (["rahf", "dual", "--dataset", "someone-unknown/prefs", "--output_dir", "{root}/d", "--use_cpu"], 1,
+    (["legend", "annotate", "--dataset_name", "someone-unknown/prefs", "--vector", "{vec}", "--output",
+      "{root}/o.jsonl"], 1, "--dataset_name 'someone-unknown/prefs' is not a local path and HF_HUB_OFFLINE=1"),
+    (["legend", "fit-vector", "--dataset_name", "walledai/AdvBench", "--output_dir", "{root}/v1"], 1,
+     "--dataset_name 'walledai/AdvBench' is not a local path and HF_HUB_OFFLINE=1"),
+    (["rahf", "dual", "--dataset_name", "someone-unknown/prefs", "--output_dir", "{root}/d", "--use_cpu"], 1,
      "HF_HUB_OFFLINE=1"),
 ]
 
@@ -134,14 +148,87 @@ def test_help_lists_every_command(files):
     assert done.returncode == 0 and "generate" in done.stdout and "legend" in done.stdout and "rahf" in done.stdout
     for words in (["legend"], ["rahf"]):
         assert _run([*words, "--help"], files).returncode == 0
-    first = _run(["rahf", "align", "--help"], files, ("HF_HOME", files["root"] + "/home"))
-    cached = _run(["rahf", "align", "--help"], files, ("HF_HOME", files["root"] + "/home"))
-    assert first.returncode == cached.returncode == 0 and "--lora_r" in first.stdout
-    assert cached.stdout == first.stdout
+    done = _run(["rahf", "align", "--help"], files)
+    assert done.returncode == 0 and "--lora_r" in done.stdout and "--dataset_name DATASET_NAME, --dataset" in done.stdout
+
+
+def test_help_flag_before_the_command_word_is_the_groups_help(capsys):
+    assert cli.main(["rahf", "--help", "scit"]) == 0
+    assert "Step 2: train the RAHF LoRA adapter." in capsys.readouterr().out  # rahf's list of steps
+    assert cli.main(["rahf", "scit", "--max_steps", "3", "--help"]) == 0
+    assert "--label_smoothing" in capsys.readouterr().out
+
+
+def _parsed(argv):
+    return cli._parse(argv)[1]
+
+
+@pytest.mark.parametrize("argv", [["generate", "q"], ["legend", "fit-vector", "--dataset_name", "p.csv",
+                                                      "--output_dir", "v"],
+                                  ["legend", "annotate", "--dataset_name", "d.jsonl", "--vector", "v", "--output",
+                                   "o.jsonl"]], ids=["generate", "fit-vector", "annotate"])
+def test_every_command_takes_model_name_or_path_and_model(argv, capsys):
+    for flag in ("--model_name_or_path", "--model"):
+        assert _parsed([*argv, flag, "org/some-model"]).model_name_or_path == "org/some-model"
+    assert "deprecated" not in capsys.readouterr().err  # --model is a kept alias
+
+
+def test_old_names_still_work_with_a_deprecation_note(tmp_path, capsys):
+    args = _parsed(["legend", "fit-vector", "--prompts", "p.csv", "--output", "v", "--push_to_hub", "org/vec"])
+    assert (args.dataset_name, args.output_dir, args.push_to_hub, args.hub_model_id) == ("p.csv", "v", True, "org/vec")
+    err = capsys.readouterr().err
+    for old, new in (("--prompts", "--dataset_name"), ("--output", "--output_dir"),
+                     ("--push_to_hub org/vec", "--push_to_hub --hub_model_id org/vec")):
+        assert f"repalign: warning: {old} is deprecated; use {new}." in err
+    assert _parsed(["legend", "annotate", "--dataset", "d.jsonl", "--vector", "v", "--output", "o.jsonl",
+                    "--num_bins", "none"]).num_bins is None  # the Python spelling, num_bins=None
+    config = tmp_path / "old.yaml"
+    config.write_text("dataset: d.jsonl\nmodel: org/m\n")
+    args = _parsed(["rahf", "align", "--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert (args.dataset_name, args.model_name_or_path) == ("d.jsonl", "org/m")
+    err = capsys.readouterr().err
+    assert "key 'dataset' is deprecated; use 'dataset_name'" in err and "'model'" not in err
+
+
+def test_every_push_is_a_flag_plus_hub_model_id():
+    pushing = 0
+    for command in cli.COMMANDS:
+        leaf, _ = cli.leaf_parser(command)
+        push = leaf._option_string_actions.get("--push_to_hub")
+        if push is None:
+            continue
+        pushing += 1
+        assert push.nargs == "?" and push.const is True and push.default is False, command.path
+        assert "--hub_model_id" in leaf._option_string_actions, command.path
+    assert pushing == 4  # fit-vector, scit, dual, align
+    args = _parsed(["legend", "fit-vector", "--dataset_name", "p.csv", "--output_dir", "out/my-vec", "--push_to_hub"])
+    assert args.hub_model_id == "my-vec"  # TRL's default: the output folder's name
+
+
+def test_a_hub_that_cannot_be_reached_is_named_in_one_line(files, monkeypatch, capsys):
+    from hf_repalign.legend.vector import MarginVector as Vector
+
+    class ConnectError(Exception):  # what the HTTP client raises, by name (httpx, requests and urllib3 differ)
+        pass
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("upload failed") from ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(Vector, "push_to_hub", offline)
+    monkeypatch.setattr("hf_repalign.hub.hub_offline", lambda: False)  # as with network access allowed
+    argv = [a.format(**files) for a in FIT] + ["--output_dir", files["root"] + "/pushed", "--push_to_hub",
+                                               "--hub_model_id", "org/vec", "--layer", "2"]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "repalign: error: cannot reach the Hugging Face Hub for pushing the margin vector to org/vec; set "
+        "HF_HUB_OFFLINE=1 to use local files and the HF cache only, or check the network (HF_ENDPOINT, HTTPS_PROXY).")
+    monkeypatch.setattr("hf_repalign.linear_alignment.cli.run", lambda args: offline())
+    assert cli.main(["generate", "q"]) == 1  # a connection failure outside a named call names the command
+    assert "cannot reach the Hugging Face Hub for `repalign generate`;" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem,content,message", [
-    ("unknown key", "prompts: a.csv\noutpt: v\n", "unknown argument(s) ['outpt']"),
+    ("unknown key", "dataset_name: a.csv\noutpt: v\n", "unknown argument(s) 'outpt' (did you mean 'output_dir'?)"),
     ("not a mapping", "- a\n- b\n", "must hold a mapping"),
     ("bad choice", "pooling: max\n", "pooling: invalid choice 'max'"),
     ("bad yaml", "a: [\n", "is not valid YAML"),
@@ -157,8 +244,35 @@ def test_bad_config_files(files, tmp_path, problem, content, message):
 
 def test_config_supplies_required_arguments_and_flags_override_it(files, tmp_path):
     config = tmp_path / "fit.yaml"
-    config.write_text(f"prompts: {files['prompts']}\noutput: {tmp_path / 'from_yaml'}\nmodel: {files['model']}\n"
+    config.write_text(f"dataset_name: {files['prompts']}\noutput_dir: {tmp_path / 'from_yaml'}\n"
+                      f"model_name_or_path: {files['model']}\n"
                       "harmful_column: target\nlayer: 1\nnum_prompts: 2\n")
     assert cli.main(["legend", "fit-vector", "--config", str(config), "--layer", "2"]) == 0
     vec = MarginVector.from_pretrained(tmp_path / "from_yaml")
     assert (vec.layer, vec.n_pairs) == (2, 2)
+
+
+def test_disable_tqdm_hides_the_progress_bars(files, tmp_path, capfd):
+    from transformers.utils import logging
+
+    argv = [a.format(**files) for a in FIT] + ["--layer", "2"]
+    capfd.readouterr()
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "shown")]) == 0
+    assert "fit margin vector" in capfd.readouterr().err
+    try:
+        assert cli.main([*argv, "--output_dir", str(tmp_path / "hidden"), "--disable_tqdm"]) == 0
+        assert "fit margin vector" not in capfd.readouterr().err
+    finally:
+        logging.enable_progress_bar()
+
+
+def test_the_length_check_is_a_sentence():
+    from hf_repalign.legend.cli import describe_length_check
+
+    text = describe_length_check({"pairs": 40, "pearson_margin_vs_length_diff": -0.61,
+                                  "spearman_margin_vs_length_diff": -0.7, "length_dominates": True})
+    assert text == ("length check over 40 pairs: margin_raw vs (chosen - rejected) length, Spearman -0.70, Pearson "
+                    "-0.61; the margins mostly follow which response is shorter: compare with a length-only baseline")
+    assert "not computed (2 pairs" in describe_length_check({"pairs": 2, "pearson_margin_vs_length_diff": None,
+                                                             "spearman_margin_vs_length_diff": None,
+                                                             "length_dominates": False})

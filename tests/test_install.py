@@ -43,3 +43,37 @@ def test_library_calls_print_nothing_to_stdout(llama, tokenizer, tmp_path, capfd
     pipe = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
     pipe.annotate([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 2, num_bins=None, progress=False)
     assert capfd.readouterr().out == ""
+
+
+def test_public_objects_print_what_they_hold(llama, tokenizer):
+    from transformers import pipeline
+
+    from hf_repalign import LinearAlignmentProcessor, MarginVector, build_principle_inputs
+
+    _, principle = build_principle_inputs(tokenizer, ["Hi"], "Be kind.")
+    proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=2.0,
+                                    principle_top_p=0.8, principle_temperature=0.5)
+    text = repr(proc)
+    assert text.startswith("LinearAlignmentProcessor(alpha=2, normalize=False, principle_top_p=0.8") and "x " in text
+    vector = MarginVector.fit(llama, tokenizer, ["Hi", "Bye"], ["No.", "No."], ["Sure, here", "Sure, so"],
+                              progress=False)
+    pipe = pipeline("legend-margin", model=llama, tokenizer=tokenizer, margin_vector=vector, device="cpu")
+    assert repr(pipe).startswith("LegendMarginPipeline(model=") and "margin_vector=MarginVector(" in repr(pipe)
+
+
+def test_progress_bars_follow_transformers_settings(llama, tokenizer, capfd):
+    from transformers.utils import logging
+
+    from hf_repalign import MarginVector
+
+    def fit():
+        MarginVector.fit(llama, tokenizer, ["Hi", "Bye"], ["No.", "No."], ["Sure, here", "Sure, so"], progress=True)
+        return capfd.readouterr().err
+
+    capfd.readouterr()
+    assert "fit margin vector" in fit()
+    logging.disable_progress_bar()
+    try:
+        assert "fit margin vector" not in fit()
+    finally:
+        logging.enable_progress_bar()

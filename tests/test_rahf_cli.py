@@ -34,10 +34,11 @@ def test_scit_then_align_with_flags_and_yaml(setup, tokenizer):
     assert (adapter["r"], adapter["lora_alpha"]) == (4, 12)
     config = tmp_path / "align.yaml"
     config.write_text(f"alpha: 2.0\ntarget_layers: [1, 2]\ninstructed: ['{tmp_path / 'scit'}']\n"
-                      f"output_dir: {tmp_path / 'rahf'}\ndataset_name: toy\n")
+                      f"output_dir: {tmp_path / 'rahf'}\n")
     assert cli.main(["rahf", "align", "--config", str(config), *common]) == 0
     card = (tmp_path / "rahf" / "README.md").read_text()
-    assert "| alpha | 2.0 |" in card and "1, 2" in card and "toy" in card
+    assert "| alpha | 2.0 |" in card and "1, 2" in card
+    assert "prefs.jsonl" not in card  # --dataset_name is the data: a local path is not recorded, a Hub id is
     PeftModel.from_pretrained(tiny_model("llama", vocab_size=len(tokenizer)), str(tmp_path / "rahf"))
 
 
@@ -55,7 +56,7 @@ def test_missing_dataset_is_a_clear_error(setup, capsys):
     tmp_path, model_dir, _ = setup
     assert cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "x"),
                      "--report_to", "none"]) == 2
-    assert "repalign: error: --dataset is required" in capsys.readouterr().err
+    assert "repalign: error: --dataset_name is required" in capsys.readouterr().err
 
 
 def test_align_takes_lora_flags_not_peft_flags(setup, capsys):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 from transformers.utils import logging
 
 from ..artifacts import atomic_write_text

@@ -105,6 +105,11 @@ class LegendMarginPipeline(Pipeline):
         self.last_dropped_rows: list[int] = []  # set by annotate(..., drop_invalid=True)
         self.last_diagnostics: dict[str, Any] = {}  # set by annotate()
 
+    def __repr__(self) -> str:
+        vector = self._forward_params.get("margin_vector")
+        return (f"{type(self).__name__}(model={getattr(self.model.config, '_name_or_path', '') or '?'!r}, "
+                f"device={self.device}, batch_size={self._batch_size}, margin_vector={vector!r})")
+
     def _bundled_vector(self) -> MarginVector | None:
         """The vector that :meth:`save_pretrained` stored next to this model, if the model came from such a folder."""
         folder = Path(str(getattr(self.model.config, "_name_or_path", "") or "")) / VECTOR_FOLDER

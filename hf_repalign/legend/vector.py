@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 from transformers.utils import logging
 
 from ..formats import PreferenceTriplet, Prompt, Template, check_template, normalize_prompt, prompt_prefix

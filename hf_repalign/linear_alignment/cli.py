@@ -7,7 +7,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..cli import DType, UsageError
+from ..cli import DType, UsageError, reaching_hub
 from .principles import HARMLESS_PRINCIPLE  # light: its transformers names are types only
 
 Preset = Literal["authors"]
@@ -19,7 +19,8 @@ class GenerateArguments:
     question: list[str] = field(default_factory=list, metadata={"help": "Question(s) to answer."})
     principle: str = field(default=HARMLESS_PRINCIPLE, metadata={"help": "Principle, added as a system message."})
     alpha: float = field(default=1.0, metadata={"help": "Step along (principle - plain) logits; 0 = prompting."})
-    model: str | None = field(default=None, metadata={"help": "Local path or Hub id; default: embedded SmolLM2."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "aliases": ["--model"], "help": "Local path or Hub id; default: embedded SmolLM2."})
     dtype: DType | None = field(default=None, metadata={"help": "Model dtype: float32 (default), bfloat16, float16."})
     max_new_tokens: int = field(default=96, metadata={"help": "Tokens to generate per answer."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
@@ -39,6 +40,7 @@ class GenerateArguments:
     repetition_penalty: float = field(default=1.0, metadata={
         "help": "generate's repetition penalty; acts on the aligned scores."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (as in TrainingArguments)."})
 
     def __post_init__(self):
         if not self.question:
@@ -84,7 +86,7 @@ def _columns(titles: list[str], texts: list[str]) -> str:
 
 def run(args: GenerateArguments) -> int:
     import torch
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm  # honours disable_progress_bar()
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from ..models import load_model_and_tokenizer
@@ -93,7 +95,8 @@ def run(args: GenerateArguments) -> int:
     from .processor import AUTHORS_PRESET, LinearAlignmentProcessor
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    with reaching_hub(f"the model {args.model_name_or_path!r} (--model_name_or_path)"):
+        model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype)
     plain, principle = build_principle_inputs(tokenizer, args.question, args.principle,
                                               system_mode=args.system_mode)
     mask = dict(principle_top_p=args.principle_top_p, principle_temperature=args.principle_temperature)

@@ -4,10 +4,10 @@ Every command takes the fields of its trainer config (``SCITConfig``, ``DualConf
 ``TrainingArguments``) plus the model and the data, as in TRL's CLIs.
 
 Example:
-    $ repalign rahf scit  --dataset Anthropic/hh-rlhf --dataset_split test --max_rows 500 --output_dir out/scit \\
-          --use_peft
-    $ repalign rahf align --dataset Anthropic/hh-rlhf --dataset_split test --max_rows 500 --instructed out/scit \\
-          --output_dir out/rahf --max_steps 200
+    $ repalign rahf scit  --dataset_name Anthropic/hh-rlhf --dataset_split test --max_rows 500 \\
+          --output_dir out/scit --use_peft
+    $ repalign rahf align --dataset_name Anthropic/hh-rlhf --dataset_split test --max_rows 500 \\
+          --instructed out/scit --output_dir out/rahf --max_steps 200
     $ repalign rahf align ... --preset authors     # the settings of the authors' step-2 script for --method
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import UsageError
 from ..artifacts import PEFT_ADAPTER, TRANSFORMERS_MODEL, check_target
-from ..hub import HubAccessError, hub_offline, local_or_repo_id
+from ..cli import UsageError, load_hub_dataset, reaching_hub
+from ..hub import is_repo_id, local_or_repo_id
 from ..outputs import check_writable, refuse_inputs
 from ..text_files import read_rows
 from .dual_config import DualConfig, resume_each_side
@@ -28,9 +28,12 @@ from .scit_config import SCITConfig
 
 @dataclass
 class _Common:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Path or Hub id; default: embedded."})
-    dataset: str | None = field(default=None, metadata={"help": "Preference data: .json/.jsonl(.gz) file, folder "
-                                                                 "or Hub id (TRL preference format)."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "aliases": ["--model"], "help": "Path or Hub id; default: embedded."})
+    dataset_name: str | None = field(default=None, metadata={
+        "aliases": ["--dataset"], "help": "Preference data: .json/.jsonl(.gz) file, folder or Hub id (TRL preference "
+                                          "format); a Hub id is also recorded in the model card."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split to load."})
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (N >= 1)."})
     overwrite: bool = field(default=False, metadata={
@@ -68,36 +71,32 @@ class AlignCommand(_Common, RAHFConfig):
 
 
 def check_dataset(path: str | None, split: str = "train") -> Path | str:
-    """The ``--dataset`` as a local path or a Hub id, refused before any work when it cannot be one."""
+    """The ``--dataset_name`` as a local path or a Hub id, refused before any work when it cannot be one."""
     if not path:
-        raise UsageError("--dataset is required (a .json/.jsonl(.gz) file, a folder or a Hub id).")
-    location = local_or_repo_id(path, "--dataset")
+        raise UsageError("--dataset_name is required (a .json/.jsonl(.gz) file, a folder or a Hub id).")
+    location = local_or_repo_id(path, "--dataset_name")
     if isinstance(location, Path) and location.is_file() and split != "train":
         raise UsageError(f"--dataset_split {split!r} applies to folders and Hub ids; {location} is one file.")
     return location
 
 
-def load_rows(path: str | None, split: str = "train", max_rows: int | None = None):
+def load_rows(path: str | None, split: str = "train", max_rows: int | None = None, config: str | None = None):
     """A preference dataset from a local file or folder, or the Hub."""
     from datasets import Dataset, load_dataset
 
     location = check_dataset(path, split)
     if isinstance(location, Path) and location.is_file():  # read here: bad bytes are named by file and line
-        rows = read_rows(location, "--dataset")
+        rows = read_rows(location, "--dataset_name")
         if not rows:
-            raise UsageError(f"--dataset {location} is empty: no preference rows to train on.")
+            raise UsageError(f"--dataset_name {location} is empty: no preference rows to train on.")
         dataset = Dataset.from_dict({key: [row.get(key) for row in rows]
                                      for key in dict.fromkeys(key for row in rows for key in row)})
-    elif isinstance(location, Path) or not hub_offline():
-        dataset = load_dataset(str(location), split=split)
+    elif isinstance(location, Path):
+        dataset = load_dataset(str(location), config, split=split)
     else:
-        try:
-            dataset = load_dataset(location, split=split)
-        except Exception as err:  # datasets' offline errors vary; the cause is one
-            raise HubAccessError(f"--dataset {location!r} is not a local path and HF_HUB_OFFLINE=1 forbids "
-                                 "downloading it from the Hub (it is not in the datasets cache).") from err
+        dataset = load_hub_dataset(location, config, split)
     if len(dataset) == 0:
-        raise UsageError(f"--dataset {location}: split {split!r} has no rows to train on.")
+        raise UsageError(f"--dataset_name {location}: split {split!r} has no rows to train on.")
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
@@ -105,8 +104,8 @@ def load_rows(path: str | None, split: str = "train", max_rows: int | None = Non
 
 def _check_output(args: _Common, *kinds_and_folders) -> None:
     """Refuse a bad --output_dir (an input, another artifact, read-only) before any model is loaded."""
-    check_dataset(args.dataset, args.dataset_split)
-    inputs = {"--model_name_or_path": args.model_name_or_path, "--dataset": args.dataset,
+    check_dataset(args.dataset_name, args.dataset_split)
+    inputs = {"--model_name_or_path": args.model_name_or_path, "--dataset_name": args.dataset_name,
               "--instructed": getattr(args, "instructed", None), "--precomputed_targets":
               getattr(args, "precomputed_targets", None)}
     for kind, folder in kinds_and_folders:
@@ -136,7 +135,8 @@ def _resume(args: _Common, folder: str | Path) -> str | bool | None:
 def _load(args: _Common):
     from ..models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
+    with reaching_hub(f"the model {args.model_name_or_path!r} (--model_name_or_path)"):
+        model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
     return model.train(), tokenizer
 
 
@@ -150,7 +150,10 @@ def _config(args, config_class):
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if "dataset_name" in values and not is_repo_id(values["dataset_name"] or ""):  # the card names Hub ids only
+        values["dataset_name"] = None
+    return config_class(**values)
 
 
 def run_scit(args: SCITCommand) -> int:
@@ -158,15 +161,16 @@ def run_scit(args: SCITCommand) -> int:
 
     kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
     _check_output(args, (kind, args.output_dir))
-    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
+    rows = load_rows(args.dataset_name, args.dataset_split, args.max_rows, args.dataset_config)  # before the model
     model, tokenizer = _load(args)
     trainer = SCITTrainer(model, _config(args, SCITConfig), train_dataset=rows, processing_class=tokenizer,
                           peft_config=_lora(args) if args.use_peft else None)
     trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
-        trainer.push_to_hub()
-    print(f"SCIT model saved to {args.output_dir}")
+        with reaching_hub(f"pushing the SCIT adapter to {args.hub_model_id or Path(args.output_dir).name}"):
+            trainer.push_to_hub()
+    print(f"SCIT {'LoRA adapter' if args.use_peft else 'model (all weights)'} saved to {args.output_dir}")
     return 0
 
 
@@ -176,11 +180,12 @@ def run_dual(args: DualCommand) -> int:
     kind = PEFT_ADAPTER if args.use_peft else TRANSFORMERS_MODEL
     _check_output(args, *((kind, Path(args.output_dir) / side) for side in ("good", "bad")))
     resume_each_side(args.resume_from_checkpoint)  # a bad value fails before any work
-    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
+    rows = load_rows(args.dataset_name, args.dataset_split, args.max_rows, args.dataset_config)  # fails fast
     model, tokenizer = _load(args)
     folders = train_dual(model, tokenizer, rows, _config(args, DualConfig),
                          peft_config=_lora(args) if args.use_peft else None, overwrite=args.overwrite)
-    print(f"good model: {folders['good']}\nbad model: {folders['bad']}")
+    kind = "LoRA adapter" if args.use_peft else "model (all weights)"
+    print(f"good {kind}: {folders['good']}\nbad {kind}: {folders['bad']}")
     return 0
 
 
@@ -198,7 +203,7 @@ def run_align(args: AlignCommand) -> int:
     _check_output(args, (PEFT_ADAPTER, args.output_dir))
     from .trainer import is_full_model
 
-    rows = load_rows(args.dataset, args.dataset_split, args.max_rows)  # before the model: a bad --dataset fails fast
+    rows = load_rows(args.dataset_name, args.dataset_split, args.max_rows, args.dataset_config)  # before the model
     instructed = args.instructed[0] if len(args.instructed) == 1 else (args.instructed or None)
     if args.lora_on == "instructed" and args.instructed and is_full_model(args.instructed[0]):
         model, tokenizer = args.instructed[0], None  # a full step-1 model carries the LoRA: the base is not loaded
@@ -209,6 +214,7 @@ def run_align(args: AlignCommand) -> int:
     trainer.train(resume_from_checkpoint=_resume(args, args.output_dir))
     trainer.save_pretrained(args.output_dir, overwrite=args.overwrite)
     if args.push_to_hub:
-        trainer.push_to_hub()
+        with reaching_hub(f"pushing the RAHF adapter to {args.hub_model_id or Path(args.output_dir).name}"):
+            trainer.push_to_hub()
     print(f"RAHF {'model (merged)' if args.save_as == 'merged' else 'adapter'} saved to {args.output_dir}")
     return 0
