@@ -136,8 +136,9 @@ def test_fit_vector_for_another_attribute_with_length_control(run_cli, model_dir
                                 for i, (text, label) in enumerate([("Here is a full answer, step by step.", True),
                                                                    ("Sure: the details follow.", True),
                                                                    ("No.", False), ("Ask someone else.", False)])))
-    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--dataset_name", str(contrast),
-                    "--attribute", "helpfulness", "--length_control", "--output", str(tmp_path / "vec")]) == 0
+    assert run_cli(["legend", "fit-vector", "--model_name_or_path", str(model_dir), "--dataset_name", str(contrast),
+                    "--contrast", "--attribute", "helpfulness", "--length_control",
+                    "--output_dir", str(tmp_path / "vec")]) == 0
     config = json.loads((tmp_path / "vec" / "config.json").read_text())
     assert config["attribute"] == "helpfulness" and config["length_control"] is True
     assert config["contrast"]["kind"] == "sets" and "helpfulness" in (tmp_path / "vec" / "README.md").read_text()
@@ -146,21 +147,23 @@ def test_fit_vector_for_another_attribute_with_length_control(run_cli, model_dir
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     output = tmp_path / "out.jsonl"
-    assert run_cli(["legend", "annotate", "--model", str(model_dir), "--dataset", str(data), "--length_control",
+    assert run_cli(["legend", "annotate", "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
+                    "--length_control",
                     "--vector", str(tmp_path / "vec"), "--output", str(output), "--num_bins", "3"]) == 0
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert all("margin_length_controlled" in r for r in written)
-    assert "'length_control': {'slope_per_token'" in capsys.readouterr().out
+    assert "length control removed" in capsys.readouterr().out
 
-    assert run_cli(["legend", "fit-vector", "--model", str(model_dir), "--output", str(tmp_path / "v2")]) == 2
-    assert "give --prompts" in capsys.readouterr().err
+    assert run_cli(["legend", "fit-vector", "--model_name_or_path", str(model_dir),
+                    "--output_dir", str(tmp_path / "v2")]) == 2
+    assert "--dataset_name" in capsys.readouterr().err
 
 
 def test_fit_vector_names_a_list_row_in_a_jsonl_file(run_cli, tmp_path, capsys):
-    for flag, text in (("--prompts", '{"goal": "a"}\n["not", "an", "object"]\n'),
-                       ("--dataset_name", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n')):
+    for flags, text in ((["--dataset_name"], '{"goal": "a"}\n["not", "an", "object"]\n'),
+                        (["--contrast", "--dataset_name"], '{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n')):
         bad = tmp_path / "rows.jsonl"
         bad.write_text(text)
-        assert run_cli(["legend", "fit-vector", flag, str(bad), "--output", str(tmp_path / "v")]) == 1
+        assert run_cli(["legend", "fit-vector", *flags, str(bad), "--output_dir", str(tmp_path / "v")]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "rows.jsonl" in err and "line 2" in err, err

@@ -218,8 +218,13 @@ def describe_length_check(diagnostics: dict) -> str:
         return f"length check: not computed ({diagnostics['pairs']} pairs, or constant margins or lengths)"
     verdict = ("the margins mostly follow which response is shorter: compare with a length-only baseline"
                if diagnostics["length_dominates"] else "length does not dominate the margins")
-    return (f"length check over {diagnostics['pairs']} pairs: margin_raw vs (chosen - rejected) length, Spearman "
+    text = (f"length check over {diagnostics['pairs']} pairs: margin_raw vs (chosen - rejected) length, Spearman "
             f"{rho:+.2f}, Pearson {r:+.2f}; {verdict}")
+    control = diagnostics.get("length_control")
+    if control and control.get("spearman_margin_vs_length_diff") is not None:
+        text += (f"; length control removed {control['slope_per_token']:+.4g} per token of length difference "
+                 f"(margin_length_controlled vs length: Spearman {control['spearman_margin_vs_length_diff']:+.2f})")
+    return text
 
 
 def run_annotate(args: AnnotateArguments) -> int:
