@@ -44,18 +44,19 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     return text[1:] if text.startswith(_BOM) else text
 
 
-def _surrogate_free(value: Any) -> bool:
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string, or any key or value of nested dicts, lists and tuples, holds a lone surrogate."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return False
-        return True
+            return True
+        return False
     if isinstance(value, dict):
-        return all(_surrogate_free(k) and _surrogate_free(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_surrogate_free(v) for v in value)
-    return True
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _parse_json(text: str, where: str) -> Any:
@@ -63,7 +64,7 @@ def _parse_json(text: str, where: str) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise TextFileError(f"{where}: not valid JSON ({err.msg}, column {err.colno}).") from None
-    if not _surrogate_free(value):
+    if has_lone_surrogate(value):
         raise TextFileError(f"{where}: holds a lone surrogate escape (such as \\ud800), which is not valid Unicode.")
     return value
 

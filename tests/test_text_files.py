@@ -79,7 +79,7 @@ def test_the_cli_config_and_the_rahf_and_annotate_datasets_read_through_here(tmp
     dataset = load_rows(str(rows))
     assert dataset["prompt"] == ["p", "q"] and dataset["chosen"] == ["c", None]
     rows.write_bytes(b'{"prompt": "p"}\n{"prompt": "\xff"}\n')
-    with pytest.raises(TextFileError, match=r"--dataset .*prefs\.jsonl, line 2: byte 0xff"):
+    with pytest.raises(TextFileError, match=r"--dataset_name .*prefs\.jsonl, line 2: byte 0xff"):
         load_rows(str(rows))
 
     listed = tmp_path / "prefs.json"

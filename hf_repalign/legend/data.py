@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from ..formats import PreferenceFormatError, to_triplet
 from ..artifacts import atomic_file
-from ..text_files import read_json, read_jsonl
+from ..text_files import has_lone_surrogate, read_json, read_jsonl
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: the pipeline itself runs without it
     from datasets import Dataset
@@ -86,20 +86,6 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _surrogate_in(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, Mapping):
-        return any(_surrogate_in(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_surrogate_in(v) for v in value)
-    return False
-
-
 def conversion_error(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], columns: Sequence[str]):
     """The first row that stops a list of dicts from becoming one Arrow table, as a :class:`PreferenceFormatError`
     naming the row and the column (``None`` if no cause is found)."""
@@ -109,7 +95,7 @@ def conversion_error(rows: Sequence[Mapping[str, Any]], indices: Sequence[int], 
             value = row.get(key)
             if value is None:
                 continue
-            if _surrogate_in(value):
+            if has_lone_surrogate(value):
                 return PreferenceFormatError(f"row {index}, column `{key}`: the text holds a lone surrogate, which "
                                              "is not valid Unicode.")
             kind = _kind(value)
