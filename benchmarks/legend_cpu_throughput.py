@@ -7,7 +7,7 @@ state at the last token of the response is read. Tokenization is timed on both s
 margins (checked); the candidates run interleaved in one process (median of ``--repeats``), so the ratios are
 side by side.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_cpu_throughput.py --data /work/shared/data \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/legend_cpu_throughput.py --data PATH \\
         --tiny_pairs 128 --embedded_pairs 16 --batch_sizes 1 2 4 8 16 --threads 1 --dtype bfloat16
 """
 

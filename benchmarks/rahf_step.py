@@ -5,7 +5,7 @@ Same model, batch, lengths and LoRA config, measured side by side in one run (st
 * ``rahf``: ``RAHFTrainer.training_step`` (base + p+ + p- targets under no_grad, LoRA forward/backward, all
   stopping after the top target layer) + optimizer step;
 * ``rahf_precomputed``: the same with the difference vectors precomputed once (``precompute_targets``), so a step
-  is the base forward plus the LoRA forward/backward (the issue's orientation numbers assume this shape);
+  is the base forward plus the LoRA forward/backward (the orientation numbers in docs/evidence/rahf.md assume this shape);
 * ``dpo``: TRL ``DPOTrainer.training_step`` with ``peft_config`` (policy on chosen+rejected with backward, the
   reference = adapter disabled) + optimizer step (``--backend trl``), or the same computation written in plain
   torch + peft (``--backend plain``, for machines without TRL; its log-probs use full logits instead of TRL's

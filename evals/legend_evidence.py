@@ -21,7 +21,7 @@ of zero is a tie and counts half in an agreement, and two scores within ``EPSILO
 (half a win) in an AUROC. Float noise below that (a control that is constant up to ~3e-8) is a tie, not a ranking.
 
     OMP_NUM_THREADS=1 .venv/bin/python evals/legend_evidence.py --dtype bfloat16 --threads 1 --rows 500 \\
-        --data /work/shared/data --out outputs/legend_evidence
+        --data PATH --out outputs/legend_evidence
 """
 
 from __future__ import annotations

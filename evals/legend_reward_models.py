@@ -13,7 +13,7 @@ seeds, with confidence intervals.
    95% bootstrap interval (eval pairs resampled, averaged over seeds), how many eval pairs change outcome, and the
    effect an unpaired comparison of this size could resolve (1.96 standard errors).
 
-    OMP_NUM_THREADS=1 .venv/bin/python evals/legend_reward_models.py --data /work/shared/data \\
+    OMP_NUM_THREADS=1 .venv/bin/python evals/legend_reward_models.py --data PATH \\
         --directions outputs/legend_evidence/directions.pt --view=-1:last --train 240 --eval 400 --seeds 0 1 2 \\
         --max_length 128 --bf16 --threads 1
 """
