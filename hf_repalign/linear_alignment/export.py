@@ -88,7 +88,9 @@ def _requirements() -> list[str]:
     """Our own requirements on torch and transformers, one comparison per line (as transformers checks them)."""
     lines = []
     for requirement in importlib.metadata.requires("hf_repalign") or []:
-        spec = requirement.split(";")[0].replace(" ", "")
+        if ";" in requirement:  # an extra's requirement (e.g. transformers[serving]), not the method's own
+            continue
+        spec = requirement.replace(" ", "")
         name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
         if name in REQUIRED:
             comparisons = spec[len(name):].split(",")
