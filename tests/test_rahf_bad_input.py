@@ -26,7 +26,7 @@ def test_an_empty_dataset_is_named_as_such_not_blamed_on_max_prompt_length(tmp_p
 def test_cli_names_an_empty_dataset_file(tmp_path, content, capsys):
     data = tmp_path / "prefs.jsonl"
     data.write_text(content)
-    assert cli.main(["rahf", "scit", "--dataset", str(data), "--output_dir", str(tmp_path / "o"), "--report_to",
+    assert cli.main(["rahf", "scit", "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--report_to",
                      "none", "--use_cpu"]) == 2
     assert f"--dataset {data} is empty" in capsys.readouterr().err
 
@@ -55,7 +55,7 @@ def test_a_huge_lora_rank_is_refused_before_allocation(tmp_path, tokenizer, scit
 
 def test_cli_refuses_a_huge_rank_in_one_line(tmp_path, tokenizer, capsys):
     model_dir, data = write_model_and_data(tmp_path, tokenizer)
-    assert cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--dataset", str(data), "--use_peft",
+    assert cli.main(["rahf", "scit", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--use_peft",
                      "--peft_r", "1000000000", "--output_dir", str(tmp_path / "o"), "--report_to", "none",
                      "--use_cpu"]) != 0
     err = capsys.readouterr().err

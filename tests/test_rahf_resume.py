@@ -16,7 +16,7 @@ from rahf_helpers import write_model_and_data
 @pytest.fixture()
 def setup(tmp_path, tokenizer, monkeypatch):
     model_dir, data = write_model_and_data(tmp_path, tokenizer)
-    common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--report_to", "none", "--use_cpu",
+    common = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--report_to", "none", "--use_cpu",
               "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "2", "--seed", "3"]
     steps = []
     original = trainer_mixin.FiniteLossMixin.training_step

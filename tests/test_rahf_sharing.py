@@ -220,7 +220,7 @@ def test_cli_align_push_uploads_once_at_the_end(tmp_path, tokenizer, base_dir, f
     from rahf_helpers import ROWS
 
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    assert cli.main(["rahf", "align", "--model_name_or_path", str(base_dir), "--dataset", str(data), "--report_to",
+    assert cli.main(["rahf", "align", "--model_name_or_path", str(base_dir), "--dataset_name", str(data), "--report_to",
                      "none", "--use_cpu", "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps",
                      "1", "--instructed", str(tmp_path / "scit"), "--target_layers", "1", "3", "--output_dir",
                      str(tmp_path / "rahf"), "--push_to_hub", "--hub_model_id", "user/rahf", "--base_model",
@@ -237,7 +237,7 @@ def test_cli_scit_push_uploads_once_and_the_card_names_the_folder(tmp_path, toke
     out = tmp_path / "scit_cli"
     out.mkdir()
     (out / "README.md").write_text("my notes")  # a foreign README: replaced only with --overwrite
-    assert cli.main(["rahf", "scit", "--model_name_or_path", str(base_dir), "--dataset", str(data), "--report_to",
+    assert cli.main(["rahf", "scit", "--model_name_or_path", str(base_dir), "--dataset_name", str(data), "--report_to",
                      "none", "--use_cpu", "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps",
                      "1", "--use_peft", "--output_dir", str(out), "--overwrite", "--push_to_hub", "--hub_model_id",
                      "user/scit", "--base_model", "org/tiny-llama"]) == 0

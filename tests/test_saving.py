@@ -36,7 +36,8 @@ def _version_on_disk(folder: Path, versions: dict[int, MarginVector]) -> int:
     """Which version the folder holds, checking that weights, config and card all belong to it."""
     loaded = MarginVector.from_pretrained(folder)  # reads an interrupted commit's files where they are
     (seed,) = [s for s, v in versions.items() if _same(loaded, v)]
-    assert f"fitted on | {seed} " in artifacts.artifact_file(folder, "README.md").read_text()
+    assert f"| contrast data | {seed} (prompt, positive, negative) triplets |" in artifacts.artifact_file(
+        folder, "README.md").read_text()
     return seed
 
 
