@@ -156,6 +156,14 @@ class LinearAlignmentProcessor(LogitsProcessor):
         self.principle_temperature = None if principle_temperature is None else float(principle_temperature)
         self.reset()
 
+    def __repr__(self) -> str:
+        rows, length = self.principle_input_ids.shape
+        mask = "" if self.principle_top_p is None else (
+            f", principle_top_p={self.principle_top_p:g}, principle_temperature={self.principle_temperature}")
+        model = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        return (f"{type(self).__name__}(alpha={self.alpha:g}, normalize={self.normalize}{mask}, "
+                f"principle={rows} row(s) x {length} tokens, model={model!r})")
+
     @classmethod
     def authors_defaults(
         cls,
