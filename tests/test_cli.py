@@ -258,10 +258,10 @@ def test_disable_tqdm_hides_the_progress_bars(files, tmp_path, capfd):
     argv = [a.format(**files) for a in FIT] + ["--layer", "2"]
     capfd.readouterr()
     assert cli.main([*argv, "--output_dir", str(tmp_path / "shown")]) == 0
-    assert "fit margin vector" in capfd.readouterr().err
+    assert "fit safety vector" in capfd.readouterr().err
     try:
         assert cli.main([*argv, "--output_dir", str(tmp_path / "hidden"), "--disable_tqdm"]) == 0
-        assert "fit margin vector" not in capfd.readouterr().err
+        assert "fit safety vector" not in capfd.readouterr().err
     finally:
         logging.enable_progress_bar()
 

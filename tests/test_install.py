@@ -71,9 +71,9 @@ def test_progress_bars_follow_transformers_settings(llama, tokenizer, capfd):
         return capfd.readouterr().err
 
     capfd.readouterr()
-    assert "fit margin vector" in fit()
+    assert "fit safety vector" in fit()
     logging.disable_progress_bar()
     try:
-        assert "fit margin vector" not in fit()
+        assert "fit safety vector" not in fit()
     finally:
         logging.enable_progress_bar()
