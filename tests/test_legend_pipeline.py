@@ -79,7 +79,7 @@ def test_save_pretrained_bundles_model_tokenizer_and_vector(pipe, tmp_path):
     assert (tmp_path / "annotator" / "tokenizer.json").is_file()
     reloaded = pipeline("legend-margin", model=str(tmp_path / "annotator"), device="cpu")
     assert isinstance(reloaded, LegendMarginPipeline)
-    assert raw(reloaded(ROWS)) == pytest.approx(raw(pipe(ROWS)), abs=1e-6)
+    assert raw(reloaded(ROWS)) == pytest.approx(raw(pipe(ROWS)), abs=1e-4)
 
 
 def test_pipeline_without_model_uses_the_embedded_model(pipe, tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_pipeline_without_model_uses_the_embedded_model(pipe, tmp_path, monkeypa
     monkeypatch.setattr("hf_repalign.models.embedded_model_path", lambda: tmp_path / "embedded")
     default = pipeline("legend-margin", device="cpu")
     assert str(default.model.config._name_or_path) == str(tmp_path / "embedded")
-    assert raw(default(ROWS)) == pytest.approx(raw(pipe(ROWS)), abs=1e-6)
+    assert raw(default(ROWS)) == pytest.approx(raw(pipe(ROWS)), abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ unconvertible rows

@@ -28,7 +28,7 @@ def test_cli_names_an_empty_dataset_file(tmp_path, content, capsys):
     data.write_text(content)
     assert cli.main(["rahf", "scit", "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"), "--report_to",
                      "none", "--use_cpu"]) == 2
-    assert f"--dataset {data} is empty" in capsys.readouterr().err
+    assert f"--dataset_name {data} is empty" in capsys.readouterr().err
 
 
 def test_a_huge_lora_rank_is_refused_before_allocation(tmp_path, tokenizer, scit_adapter, monkeypatch):
