@@ -7,7 +7,8 @@ One pass on the embedded model (or ``--model``), layer -1, poolings ``last`` / `
    from the same embeddings, projected out).
 2. Score the first ``--rows`` usable test pairs of HH-RLHF harmless-base and helpful-base with four annotators per
    pooling: plain; length-controlled direction (fit time); margin regressed on the length difference (annotate
-   time, ``annotate(..., length_control=True)``); both.
+   time, ``annotate(..., length_control=True)``); both. A pair whose response alone is longer than
+   ``--max_length`` is left out and listed in the report.
 3. Per annotator: Spearman rho of the margin with the response-length difference (chosen minus rejected, tokens);
    agreement with the human label (margin > 0 means chosen is preferred; a margin within ``--epsilon`` of 0 is a
    tie and counts half, for every annotator alike, the length-only one included); the length-only annotator
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from legend_evidence import EPSILON, agreement, save_split  # noqa: E402
 
 from hf_repalign.data_files import add_data_argument, load_advbench, load_hh_rlhf  # noqa: E402
-from hf_repalign.formats import PreferenceTriplet, to_triplet  # noqa: E402
+from hf_repalign.formats import PreferenceFormatError, PreferenceTriplet, to_triplet  # noqa: E402
 from hf_repalign.legend import usable_rows  # noqa: E402
 from hf_repalign.legend.diagnostics import length_diagnostics  # noqa: E402
 from hf_repalign.legend.embedding import embed_pairs, encode_triplets, response_length  # noqa: E402
@@ -64,10 +65,16 @@ def bootstrap(values: torch.Tensor, resamples: torch.Tensor) -> list[float]:
 
 
 def embed(model, tokenizer, triplets, views, batch_size, max_length=None):
-    encoded = encode_triplets(tokenizer, triplets, None, max_length, "left", rows=range(len(triplets)))
-    items = [item for item, _ in encoded]
+    """Embeddings and encoded items of the pairs that fit ``max_length`` once the prompt is cut; the rows whose
+    response alone is longer are left out and returned, so the report can count them."""
+    items, too_long = [], []
+    for row, triplet in enumerate(triplets):
+        try:
+            items.append(encode_triplets(tokenizer, [triplet], None, max_length, "left", rows=[row])[0][0])
+        except PreferenceFormatError:
+            too_long.append(row)
     with torch.no_grad():
-        return embed_pairs(model, items, views, batch_size), items
+        return embed_pairs(model, items, views, batch_size), items, too_long
 
 
 def main() -> None:
@@ -94,8 +101,8 @@ def main() -> None:
     start = time.perf_counter()
     goals = load_advbench(args.data)[: args.goals]
     answers = generate_responses(model, tokenizer, goals, None, args.max_new_tokens, batch_size=16)
-    emb, items = embed(model, tokenizer, [PreferenceTriplet(g, DEFAULT_REFUSAL, a) for g, a in zip(goals, answers)],
-                       views, args.batch_size)
+    emb, items, _ = embed(model, tokenizer, [PreferenceTriplet(g, DEFAULT_REFUSAL, a) for g, a in zip(goals, answers)],
+                          views, args.batch_size)
     lengths = {side: [response_length(it, side) for it in items] for side in ("chosen", "rejected")}
     directions = {}
     for view in views:
@@ -113,13 +120,14 @@ def main() -> None:
         rows, _ = usable_rows(load_hh_rlhf(split, args.data))
         rows = rows[: args.rows]
         start = time.perf_counter()
-        emb, items = embed(model, tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)], views, args.batch_size,
-                           args.max_length)
+        emb, items, too_long = embed(model, tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)], views,
+                                     args.batch_size, args.max_length)
         diff = [response_length(it, "chosen") - response_length(it, "rejected") for it in items]
-        n = len(rows)
+        n = len(items)
         resamples = torch.randint(0, n, (args.bootstrap, n), generator=generator)
         baseline = agreement_scores([-d for d in diff], args.epsilon)
-        table = {"pairs": n, "seconds": round(time.perf_counter() - start, 1),
+        table = {"pairs": n, "left_out_response_longer_than_max_length": too_long,
+                 "seconds": round(time.perf_counter() - start, 1),
                  "chosen_shorter": sum(d < 0 for d in diff), "chosen_longer": sum(d > 0 for d in diff),
                  "length_only": {"agreement": round(float(baseline.mean()), 4),
                                   "ci95": bootstrap(baseline, resamples)}}

@@ -1,5 +1,9 @@
-"""The real ``repalign`` console script on bad input: one line ``repalign: error: ...``, exit 2 (arguments) or 1
-(run time), never a traceback (unless ``--debug``); and ``--config`` YAML supplying required arguments."""
+"""``repalign`` on bad input: one line ``repalign: error: ...``, exit 2 (arguments) or 1 (run time), never a
+traceback (unless ``--debug``); and ``--config`` YAML supplying required arguments.
+
+The cases run ``cli.main`` in this process (what the console script calls), watching the file descriptors so that
+anything a library prints counts too; a few run the real console script in a fresh process, one per command, since
+each such process spends seconds importing torch and transformers."""
 
 import json
 import os
@@ -115,41 +119,76 @@ CASES = [
      "--dataset_name 'walledai/AdvBench' is not a local path and HF_HUB_OFFLINE=1"),
     (["rahf", "dual", "--dataset_name", "someone-unknown/prefs", "--output_dir", "{root}/d", "--use_cpu"], 1,
      "HF_HUB_OFFLINE=1"),
+    (["export-custom-generate"], 2, "give one output folder (OUTPUT_DIR or --output_dir), got 0"),
+    (["export-custom-generate", "{file}"], 1, "is a file, not a folder"),
 ]
 
 
+# One case per command, run by the real console script in a fresh process.
+CONSOLE_CASES = [2, 10, 11, 15, 28, 33, 41, 42, 47]
+
+
 def _run(argv, files, *extra_env):
+    """The console script in a fresh process."""
     argv = [a.format(**files) for a in argv]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", REPALIGN_DEBUG="0")
     env.update(extra_env)
     return subprocess.run([REPALIGN, *argv], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("argv,code,message", CASES, ids=[" ".join(c[0][:4]) + f"-{i}" for i, c in enumerate(CASES)])
-def test_bad_input_is_one_line_without_traceback(files, argv, code, message):
-    done = _run(argv, files)
-    lines = done.stderr.strip().splitlines()
-    assert "Traceback" not in done.stderr + done.stdout, done.stderr
-    assert lines and lines[-1].startswith("repalign: error: "), done.stderr
+def _main(argv, files, capfd):
+    """``cli.main`` in this process: (exit code, stdout, stderr), the output read at the file descriptors."""
+    capfd.readouterr()
+    code = cli.main([a.format(**files) for a in argv])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def _assert_one_line(code, out, err, expected_code, message, files):
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err + out, err
+    assert lines and lines[-1].startswith("repalign: error: "), err
     assert message.format(**files) in lines[-1], lines[-1]
-    assert done.returncode == code, (done.returncode, lines[-1])
+    assert code == expected_code, (code, lines[-1])
 
 
-def test_debug_shows_the_traceback(files):
+@pytest.mark.parametrize("argv,code,message", CASES, ids=[" ".join(c[0][:4]) + f"-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_without_traceback(files, argv, code, message, capfd):
+    _assert_one_line(*_main(argv, files, capfd), code, message, files)
+
+
+def test_console_cases_cover_every_command():
+    def path(argv):
+        return tuple(argv[:2]) if argv[0] in ("legend", "rahf") else (argv[0],)
+
+    assert {path(CASES[i][0]) for i in CONSOLE_CASES} >= {command.path for command in cli.COMMANDS}
+    assert {path(argv) for argv, _, _ in CASES} >= {command.path for command in cli.COMMANDS}
+    assert {CASES[i][1] for i in CONSOLE_CASES} == {1, 2}
+
+
+@pytest.mark.parametrize("index", CONSOLE_CASES, ids=[" ".join(CASES[i][0][:2]) + f"-{i}" for i in CONSOLE_CASES])
+def test_console_script_reports_bad_input_in_one_line(files, index):
+    argv, code, message = CASES[index]
+    done = _run(argv, files)
+    _assert_one_line(done.returncode, done.stdout, done.stderr, code, message, files)
+
+
+def test_debug_shows_the_traceback(files, capfd, monkeypatch):
     done = _run(["generate", "q", "--model", "./no/such/model", "--debug"], files)
     assert done.returncode == 1 and "Traceback" in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("repalign: error: ")
-    done = _run(["generate", "q", "--model", "./no/such/model"], files, ("REPALIGN_DEBUG", "1"))
-    assert "Traceback" in done.stderr
+    monkeypatch.setenv("REPALIGN_DEBUG", "1")
+    code, _, err = _main(["generate", "q", "--model", "./no/such/model"], files, capfd)
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("repalign: error: ")
 
 
-def test_help_lists_every_command(files):
+def test_help_lists_every_command(files, capfd):
     done = _run(["--help"], files)
     assert done.returncode == 0 and "generate" in done.stdout and "legend" in done.stdout and "rahf" in done.stdout
     for words in (["legend"], ["rahf"]):
-        assert _run([*words, "--help"], files).returncode == 0
-    done = _run(["rahf", "align", "--help"], files)
-    assert done.returncode == 0 and "--lora_r" in done.stdout and "--dataset_name DATASET_NAME, --dataset" in done.stdout
+        assert _main([*words, "--help"], files, capfd)[0] == 0
+    code, out, _ = _main(["rahf", "align", "--help"], files, capfd)
+    assert code == 0 and "--lora_r" in out and "--dataset_name DATASET_NAME, --dataset" in out
 
 
 def test_help_flag_before_the_command_word_is_the_groups_help(capsys):
@@ -233,13 +272,13 @@ def test_a_hub_that_cannot_be_reached_is_named_in_one_line(files, monkeypatch, c
     ("bad choice", "pooling: max\n", "pooling: invalid choice 'max'"),
     ("bad yaml", "a: [\n", "is not valid YAML"),
 ])
-def test_bad_config_files(files, tmp_path, problem, content, message):
+def test_bad_config_files(files, tmp_path, problem, content, message, capfd):
     config = tmp_path / "c.yaml"
     config.write_text(content)
-    done = _run(["legend", "fit-vector", "--config", str(config)], files)
-    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr
-    done = _run(["legend", "fit-vector", "--config", str(tmp_path / "missing.yaml")], files)
-    assert done.returncode == 2 and "does not exist" in done.stderr
+    code, _, err = _main(["legend", "fit-vector", "--config", str(config)], files, capfd)
+    assert code == 2 and message in err.strip().splitlines()[-1], err
+    code, _, err = _main(["legend", "fit-vector", "--config", str(tmp_path / "missing.yaml")], files, capfd)
+    assert code == 2 and "does not exist" in err
 
 
 def test_config_supplies_required_arguments_and_flags_override_it(files, tmp_path):

@@ -104,6 +104,13 @@ def test_dual_runs_on_a_cpu_with_its_defaults(setup, monkeypatch):
     assert (tmp_path / "dual" / "good" / "adapter_model.safetensors").is_file()
 
 
+def test_dual_trains_in_float32_on_a_cpu_unless_asked(tmp_path):
+    from hf_repalign.rahf import DualConfig
+
+    assert DualConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False  # TRL's bf16 is emulated on CPUs
+    assert DualConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True).bf16 is True
+
+
 @pytest.mark.parametrize("flag,value", [("--max_grad_norm", "nan"), ("--weight_decay", "inf"),
                                         ("--adam_beta1", "nan"), ("--adam_beta2", "1.5"), ("--adam_epsilon", "nan")])
 @pytest.mark.parametrize("command", ["scit", "dual", "align"])

@@ -34,8 +34,10 @@ class DualConfig(SFTConfig):
     completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on response tokens only."})
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16 and not self.use_cpu and not bf16_accelerator():
-            self.bf16 = False  # TRL's default (bf16) needs a bf16 GPU; without one, train in float32
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not bf16_accelerator()):
+            # TRL's default (bf16) is for bf16 GPUs: without one it fails, and on a CPU it is emulated, many times
+            # slower; train in float32 (bf16=True still asks for it)
+            self.bf16 = False
         super().__post_init__()
         require_training_numbers(self)
         if self.push_to_hub:
