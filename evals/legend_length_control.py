@@ -11,9 +11,10 @@ One pass on the embedded model (or ``--model``), layer -1, poolings ``last`` / `
    ``--max_length`` is left out and listed in the report.
 3. Per annotator: Spearman rho of the margin with the response-length difference (chosen minus rejected, tokens);
    agreement with the human label (margin > 0 means chosen is preferred; a margin within ``--epsilon`` of 0 is a
-   tie and counts half, for every annotator alike, the length-only one included); the length-only annotator
-   ("the shorter response is preferred"); 95% bootstrap intervals (``--bootstrap`` resamples of the pairs) of the
-   agreement and of the paired difference annotator minus length-only.
+   tie and counts half, for every annotator alike, the length-only ones included); the length-only annotator
+   ("the shorter response is preferred") and its mirror ("the longer is preferred"); 95% bootstrap intervals
+   (``--bootstrap`` resamples of the pairs) of the agreement and of the paired differences annotator minus each
+   length-only one. ``--rescore`` recomputes the tables from the saved margins.
 
     OMP_NUM_THREADS=1 .venv/bin/python evals/legend_length_control.py --data PATH --rows 300 \\
         --out outputs/legend_length_control
@@ -22,6 +23,7 @@ One pass on the embedded model (or ``--model``), layer -1, poolings ``last`` / `
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -91,8 +93,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/legend_length_control"))
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the tables of --out from its saved margins, without the model")
     add_data_argument(parser)
     args = parser.parse_args()
+    if args.rescore:
+        return rescore(args)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=parse_dtype(args.dtype))
     views = [(-1, pooling) for pooling in POOLINGS]
@@ -115,7 +121,6 @@ def main() -> None:
                      "cos_direction_vs_length_direction": {v[1]: directions[v]["cos_plain_length"] for v in views}}
     print("fitted", report["fit"], flush=True)
 
-    generator = torch.Generator().manual_seed(0)
     for split in args.splits:
         rows, _ = usable_rows(load_hh_rlhf(split, args.data))
         rows = rows[: args.rows]
@@ -123,30 +128,51 @@ def main() -> None:
         emb, items, too_long = embed(model, tokenizer, [to_triplet(r, i) for i, r in enumerate(rows)], views,
                                      args.batch_size, args.max_length)
         diff = [response_length(it, "chosen") - response_length(it, "rejected") for it in items]
-        n = len(items)
-        resamples = torch.randint(0, n, (args.bootstrap, n), generator=generator)
-        baseline = agreement_scores([-d for d in diff], args.epsilon)
-        table = {"pairs": n, "left_out_response_longer_than_max_length": too_long,
-                 "seconds": round(time.perf_counter() - start, 1),
-                 "chosen_shorter": sum(d < 0 for d in diff), "chosen_longer": sum(d > 0 for d in diff),
-                 "length_only": {"agreement": round(float(baseline.mean()), 4),
-                                  "ci95": bootstrap(baseline, resamples)}}
         saved = {"length_diff": diff}
         for view in views:
             for kind in ("plain", "length-controlled"):
                 projected = margin_raw(emb[view][:, 0], emb[view][:, 1], directions[view][kind]).tolist()
-                regressed = remove_length(projected, diff, length_slope(projected, diff))
-                for name, margins in ((kind, projected), (f"{kind} + regressed", regressed)):
-                    label = f"{view[1]}, {name}"
-                    agree = agreement_scores(margins, args.epsilon)
-                    saved[label] = margins
-                    table[label] = {
-                        "agreement": round(float(agree.mean()), 4), "ci95": bootstrap(agree, resamples),
-                        "minus_length_only": round(float((agree - baseline).mean()), 4),
-                        "minus_length_only_ci95": bootstrap(agree - baseline, resamples),
-                        "spearman_vs_length_diff": length_diagnostics(margins, diff)["spearman_margin_vs_length_diff"],
-                    }
+                saved[f"{view[1]}, {kind}"] = projected
+                saved[f"{view[1]}, {kind} + regressed"] = remove_length(projected, diff, length_slope(projected, diff))
+        table = {"left_out_response_longer_than_max_length": too_long, "seconds": round(time.perf_counter() - start, 1),
+                 **score(saved, args.epsilon, args.bootstrap)}
         save_split(args.out, report, split, table, saved)
+
+
+def score(saved: dict, epsilon: float, resamples: int) -> dict:
+    """The table of one split from its saved margins: agreement, both length-only annotators, paired differences,
+    rho with the length difference. The bootstrap is seeded per split, so a rescore gives the same intervals."""
+    diff = saved["length_diff"]
+    n = len(diff)
+    draws = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(0))
+    shorter = agreement_scores([-d for d in diff], epsilon)
+    longer = agreement_scores(diff, epsilon)
+    table = {"pairs": n, "chosen_shorter": sum(d < 0 for d in diff), "chosen_longer": sum(d > 0 for d in diff),
+             "length_only": {"agreement": round(float(shorter.mean()), 4), "ci95": bootstrap(shorter, draws)},
+             "longer_only": {"agreement": round(float(longer.mean()), 4), "ci95": bootstrap(longer, draws)}}
+    for label, margins in saved.items():
+        if label == "length_diff":
+            continue
+        agree = agreement_scores(margins, epsilon)
+        table[label] = {
+            "agreement": round(float(agree.mean()), 4), "ci95": bootstrap(agree, draws),
+            "minus_length_only": round(float((agree - shorter).mean()), 4),
+            "minus_length_only_ci95": bootstrap(agree - shorter, draws),
+            "minus_longer_only": round(float((agree - longer).mean()), 4),
+            "minus_longer_only_ci95": bootstrap(agree - longer, draws),
+            "spearman_vs_length_diff": length_diagnostics(margins, diff)["spearman_margin_vs_length_diff"],
+        }
+    return table
+
+
+def rescore(args: argparse.Namespace) -> None:
+    """Recompute the tables of ``--out`` from its saved margins (no model): ``--rescore``."""
+    report = json.loads((args.out / "report.json").read_text())
+    for split in args.splits:
+        saved = json.loads((args.out / f"{split}.margins.json").read_text())
+        kept = {k: report[split][k] for k in ("left_out_response_longer_than_max_length", "seconds")
+                if k in report.get(split, {})}
+        save_split(args.out, report, split, {**kept, **score(saved, args.epsilon, args.bootstrap)}, saved)
 
 
 if __name__ == "__main__":
