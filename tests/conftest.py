@@ -35,7 +35,9 @@ import torch  # noqa: E402
 
 from hf_repalign.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# At most 2 threads, shared out among pytest-xdist's workers so that they do not oversubscribe the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 
@@ -85,6 +87,17 @@ def launcher():
         return path
 
     return find
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: launchers and servers of parallel test workers must
+    not share one (DeepSpeed reads MASTER_PORT itself, so port 0 does not work there)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,13 +1,10 @@
 """Embedded model, hub helpers and CLI plumbing."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hf_repalign.cli import main as cli_main
 

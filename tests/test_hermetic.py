@@ -60,7 +60,7 @@ def test_the_same_tests_pass_with_an_empty_and_a_used_cache(tmp_path):
     selected = ["tests/test_hermetic.py::test_every_cache_is_the_sessions",
                 "tests/test_cli.py::test_help_flag_before_the_command_word_is_the_groups_help"]
     for home in (tmp_path / "empty", used):
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selected],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *selected],
                               cwd=ROOT, env=dict(env, HF_HOME=str(home)), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (home.name, done.stdout[-3000:], done.stderr[-3000:])
         assert f"{len(selected)} passed" in done.stdout, done.stdout[-1000:]

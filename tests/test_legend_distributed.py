@@ -1,7 +1,6 @@
 """``annotate`` under ``accelerate launch`` with 2 CPU processes: contiguous shards, merged in row order."""
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,14 +43,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_annotate_with_two_cpu_processes(tmp_path):
+def test_annotate_with_two_cpu_processes(tmp_path, free_port):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))
     prompts = [f"question number {i} " + "x" * (i % 4) for i in range(10)]
@@ -62,7 +55,7 @@ def test_annotate_with_two_cpu_processes(tmp_path):
     (tmp_path / "run.py").write_text(SCRIPT)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path)]
+               "--main_process_port", str(free_port), str(tmp_path / "run.py"), str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel, LogitsProcessorList, pipeline
+from transformers import LlamaConfig, LlamaModel, LogitsProcessorList, pipeline
 
 from hf_repalign import (
     LinearAlignmentProcessor,

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,19 +25,13 @@ pytestmark = pytest.mark.skipif(
 PRINCIPLE, ALPHA, MAX_TOKENS = "Always answer in French.", 2.0, 12
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
 
 
-def test_served_chat_completion_equals_the_python_path(tmp_path):
+def test_served_chat_completion_equals_the_python_path(tmp_path, free_port):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -48,7 +41,7 @@ def test_served_chat_completion_equals_the_python_path(tmp_path):
     export_custom_generate(tmp_path / "method")
     shutil.copytree(tmp_path / "method" / "custom_generate", folder / "custom_generate")
 
-    port = _free_port()
+    port = free_port
     cli = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(

@@ -14,11 +14,12 @@ HERE = Path(__file__).parent
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ddp_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter):
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter, free_port):
     accelerate, adapter = launcher("accelerate"), scit_adapter
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "rahf_ddp_worker.py"),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
+               str(HERE / "rahf_ddp_worker.py"),
                str(adapter), str(tmp_path / "ddp")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-4000:]

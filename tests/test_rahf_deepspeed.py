@@ -6,7 +6,6 @@ the adapter-disabled base forward run on gathered-then-released parameters.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +23,14 @@ HERE = Path(__file__).parent
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_zero2_and_zero3_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter, tokenizer):
+def test_zero2_and_zero3_two_cpu_processes_match_single_process(tmp_path, launcher, scit_adapter, tokenizer,
+                                                                 free_port):
     torchrun, adapter = launcher("torchrun"), scit_adapter
     model_folder = tmp_path / "instructed_model"
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(model_folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": str(HERE.parent)}
-    with socket.socket() as probe:  # a free port: DeepSpeed reads MASTER_PORT itself, so 0 does not work
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", port, str(HERE / "rahf_deepspeed_worker.py"),
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port), str(HERE / "rahf_deepspeed_worker.py"),
                str(adapter), str(model_folder), str(tmp_path / "ds"), "2", "3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-4000:]
