@@ -26,6 +26,8 @@ from transformers import (
 
 from hf_repalign import LinearAlignmentProcessor, build_principle_inputs, paired_generate
 from hf_repalign.linear_alignment import AUTHORS_PRESET, default_system_prompt
+from hf_repalign.linear_alignment.forward import cache_argument
+from hf_repalign.linear_alignment.paired import OUTPUT_CACHE_FIELD
 from hf_repalign.testing import tiny_model, tiny_tokenizer
 
 QUESTIONS = ["hi", "How do I open a locked door quickly?", "Tell me a story about a cat."]
@@ -99,6 +101,15 @@ def _pads(plain):
     return (plain["attention_mask"] != 0).int().argmax(dim=1)
 
 
+def _repetition_penalty(penalty, plain):
+    """The processor ``generate`` builds for ``repetition_penalty``: newer transformers skip each row's left
+    padding (a per-row ``prompt_ignore_length``); older ones (5.17) take an int only and count the padding."""
+    try:
+        return RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=_pads(plain))
+    except ValueError:
+        return RepetitionPenaltyLogitsProcessor(penalty)
+
+
 ALPHA, STEPS = 2.0, 10
 
 
@@ -107,7 +118,7 @@ def _cases(plain, first_token):
     prompt_len = plain["input_ids"].shape[1]
     return {
         "repetition_penalty": ({"repetition_penalty": 1.3},
-                               [RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=_pads(plain))], [], False),
+                               [_repetition_penalty(1.3, plain)], [], False),
         "sequence_bias": ({"sequence_bias": {(first_token,): -4.0}},
                           [SequenceBiasLogitsProcessor({(first_token,): -4.0})], [], False),
         "exponential_decay_length_penalty": (
@@ -165,7 +176,7 @@ def test_sampling_warpers_act_on_the_aligned_scores(llama, tokenizer, path):
 
 def test_paired_penalty_and_sampling_together(llama, tokenizer):
     plain, principle = _inputs(tokenizer)
-    before = [RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=_pads(plain))]
+    before = [_repetition_penalty(1.2, plain)]
     warpers = [TemperatureLogitsWarper(0.8), TopPLogitsWarper(0.95)]
     want = reference(llama, plain, principle, STEPS, ALPHA, before=before, after=warpers, sample=True, seed=3,
                      top_p=0.9)
@@ -183,7 +194,7 @@ def test_generation_config_defaults_count(tokenizer):
     model.generation_config.repetition_penalty = 1.05
     plain, principle = _inputs(tokenizer)
     proc = LinearAlignmentProcessor(model, principle["input_ids"], principle["attention_mask"], alpha=ALPHA)
-    before = [RepetitionPenaltyLogitsProcessor(1.05, prompt_ignore_length=_pads(plain))]
+    before = [_repetition_penalty(1.05, plain)]
     want = reference(model, plain, principle, STEPS, ALPHA, before=before)
     _assert_same(_generate(model, plain, proc, "paired", max_new_tokens=STEPS, do_sample=False), want)
     with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor.*paired_generate"):
@@ -442,12 +453,12 @@ def test_paired_returns_the_plain_rows_cache(llama, tokenizer):
     proc = LinearAlignmentProcessor(llama, principle["input_ids"], principle["attention_mask"], alpha=ALPHA)
     out = llama.generate(**plain, logits_processor=[proc], custom_generate=paired_generate, max_new_tokens=5,
                          min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    sequences, cache = out.sequences, out.cache
+    sequences, cache = out.sequences, getattr(out, OUTPUT_CACHE_FIELD)
     assert cache.get_seq_length() == sequences.shape[1] - 1
     mask = torch.cat([plain["attention_mask"], torch.ones(len(QUESTIONS), 5, dtype=torch.long)], 1)
     # Continue plainly from the returned cache; it must equal continuing without any cache.
-    cont = llama.generate(input_ids=sequences, attention_mask=mask, cache=cache, max_new_tokens=4, min_new_tokens=4,
-                          do_sample=False)
+    cont = llama.generate(input_ids=sequences, attention_mask=mask, **{cache_argument(llama): cache},
+                          max_new_tokens=4, min_new_tokens=4, do_sample=False)
     fresh = llama.generate(input_ids=sequences, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
                            do_sample=False)
     _assert_same(cont, fresh)

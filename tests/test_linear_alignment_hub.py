@@ -268,3 +268,19 @@ def test_cli_export_writes_the_method_and_refuses_in_one_line(tmp_path):
     (tmp_path / "m" / "custom_generate" / "rule.py").write_text("mine")
     assert main(["export-custom-generate", str(tmp_path / "m")]) == 1
     assert (tmp_path / "m" / "custom_generate" / "rule.py").read_text() == "mine"
+
+
+def test_method_reads_unset_settings_from_the_generation_config(llama, tokenizer):
+    """A server's per-request config carries principle and alpha (``transformers serve`` 5.17 passes only that);
+    arguments given to generate win over it."""
+    from transformers import GenerationConfig
+
+    from hf_repalign.linear_alignment.method import generate
+
+    plain, _ = build_principle_inputs(tokenizer, QUESTIONS, PRINCIPLE)
+    config = GenerationConfig(principle=PRINCIPLE, alpha=1.5, do_sample=False, **GEN)
+    explicit = generate(llama, **plain, principle=PRINCIPLE, alpha=1.5, tokenizer=tokenizer, do_sample=False, **GEN)
+    assert torch.equal(generate(llama, **plain, generation_config=config, tokenizer=tokenizer), explicit)
+    plain_decoding = llama.generate(**plain, do_sample=False, **GEN)
+    overridden = generate(llama, **plain, generation_config=config, alpha=-1.0, tokenizer=tokenizer)
+    assert torch.equal(overridden, plain_decoding) and not torch.equal(explicit, plain_decoding)

@@ -43,7 +43,10 @@ def test_served_chat_completion_equals_the_python_path(tmp_path, free_port):
 
     port = free_port
     cli = Path(sys.executable).with_name("transformers")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    hub_cache = tmp_path / "hf_home" / "hub"
+    hub_cache.mkdir(parents=True)  # transformers 5.17 lists the served models by scanning it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hub_cache.parent), "HF_HUB_CACHE": str(hub_cache),
+           "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
         [str(cli), "serve", str(folder), "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
          "--device", "cpu"],
@@ -53,6 +56,8 @@ def test_served_chat_completion_equals_the_python_path(tmp_path, free_port):
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
+                break
+            except urllib.error.HTTPError:  # it answered: it is up, whatever it thinks of this endpoint
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if server.poll() is not None or time.monotonic() > deadline:

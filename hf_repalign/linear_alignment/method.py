@@ -65,11 +65,22 @@ def generate(
         normalize, principle_top_p, principle_temperature, check_prompts: as for ``LinearAlignmentProcessor``.
         tokenizer: the model's tokenizer (for principles given as text and for ``stop_strings``).
 
+    Any of these left unset is read from ``generation_config`` when it carries it (a server's per-request config).
+
     Returns:
         What ``generate`` returns (ids, or a ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``).
     """
     for name in LOADER_ARGUMENTS:
         kwargs.pop(name, None)
+    # A server may carry them in the request's generation config (`transformers serve` 5.17 does); arguments win.
+    settings = dict(principle=principle, principles=principles, alpha=alpha, alphas=alphas, normalize=normalize or None,
+                    principle_top_p=principle_top_p, principle_temperature=principle_temperature)
+    for name, value in settings.items():
+        if value is None and generation_config is not None:
+            settings[name] = getattr(generation_config, name, None)
+    principle, principles, alpha, alphas = (settings[n] for n in ("principle", "principles", "alpha", "alphas"))
+    normalize, principle_top_p, principle_temperature = (
+        bool(settings["normalize"]), settings["principle_top_p"], settings["principle_temperature"])
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None:
         raise ValueError("Linear Alignment needs the prompts as `input_ids` (or `inputs`).")

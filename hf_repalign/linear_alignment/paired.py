@@ -33,6 +33,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .forward import cached_step, check_context
 from .processor import LinearAlignmentProcessor, check_model
 
+# The generate output's cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
 # model_kwargs generate prepares that this loop replaces with its own (a fresh cache for the 2B rows).
 _REPLACED_KWARGS = {
     "attention_mask", "position_ids", "cache", "past_key_values", "cache_position", "use_cache", "logits_to_keep"
@@ -257,5 +260,6 @@ def _paired_loop(model, input_ids, logits_processor, stopping_criteria, generati
         plain_cache = None
         if generation_config.use_cache:
             plain_cache = _plain_rows_cache(cache, rows, length - plain_len)
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, cache=plain_cache)
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits,
+                                         **{OUTPUT_CACHE_FIELD: plain_cache})
     return input_ids

@@ -466,6 +466,12 @@ class RAHFTrainer(RAHFTrainerMixin, Trainer):
 
     # ---- saving: one plain-peft adapter (or a merged model, or the stacked form) plus our card; no pickle ----
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # a checkpoint: on every process, since the ZeRO-3 gather is a collective
+            # (transformers 5.17 calls `_save` on the main process only, which would leave the others waiting)
+            return self._save(output_dir)
+        return super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints (and Trainer-internal saves) hold the trained LoRA alone, which resume_from_checkpoint loads
         # back into it; the Trainer's state_dict is ignored: the adapter is gathered from the model (ZeRO-3 included).
