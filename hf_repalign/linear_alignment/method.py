@@ -72,15 +72,13 @@ def generate(
     """
     for name in LOADER_ARGUMENTS:
         kwargs.pop(name, None)
-    # A server may carry them in the request's generation config (`transformers serve` 5.17 does); arguments win.
-    settings = dict(principle=principle, principles=principles, alpha=alpha, alphas=alphas, normalize=normalize or None,
-                    principle_top_p=principle_top_p, principle_temperature=principle_temperature)
-    for name, value in settings.items():
-        if value is None and generation_config is not None:
-            settings[name] = getattr(generation_config, name, None)
-    principle, principles, alpha, alphas = (settings[n] for n in ("principle", "principles", "alpha", "alphas"))
-    normalize, principle_top_p, principle_temperature = (
-        bool(settings["normalize"]), settings["principle_top_p"], settings["principle_temperature"])
+    # A server may carry these in the request's generation config (`transformers serve` 5.17 does); arguments win.
+    principle, principles, alpha, alphas, principle_top_p, principle_temperature = (
+        getattr(generation_config, name, None) if value is None else value
+        for name, value in (("principle", principle), ("principles", principles), ("alpha", alpha),
+                            ("alphas", alphas), ("principle_top_p", principle_top_p),
+                            ("principle_temperature", principle_temperature)))
+    normalize = normalize or bool(getattr(generation_config, "normalize", False))
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None:
         raise ValueError("Linear Alignment needs the prompts as `input_ids` (or `inputs`).")
